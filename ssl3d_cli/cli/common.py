@@ -1,0 +1,99 @@
+"""Options and error handling shared by every subcommand."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (splits, augmentations, MC dropout).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout: what was written, key figures.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug messages on stderr.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bars or periodic progress lines.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the Python traceback on errors.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: the cores available).")]
+CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Root of preprocessed caches (default: $SSL3D_CACHE_DIR or the user cache dir).")]
+
+
+def setup_logging(*, quiet: bool, verbose: bool) -> None:
+    """Log lines to stderr: rich on a terminal, plain time-stamped lines in cluster logs."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logger = logging.getLogger("ssl3d")
+    logger.handlers.clear()
+    logger.setLevel(level)
+    logger.propagate = False
+    if os.environ.get("RANK", "0") != "0":
+        logger.setLevel(logging.WARNING)
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+
+
+def emit(result: dict[str, Any], *, as_json: bool, human: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Results to stdout: one JSON object with --json, else the human summary."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    elif human is not None:
+        human(result)
+    else:
+        for key, value in result.items():
+            sys.stdout.write(f"{key}: {value}\n")
+    sys.stdout.flush()
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One red line on stderr and a non-zero exit."""
+    if sys.stderr.isatty():
+        typer.secho(f"error: {message}", fg="red", err=True)
+    else:
+        typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def run_stage(body: Callable[[], dict[str, Any]], *, as_json: bool, quiet: bool = False, verbose: bool = False,
+              no_progress: bool = False, debug: bool = False,
+              human: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Run a stage: set up logging and progress, turn domain errors into one line and an exit code."""
+    from ssl3d_cli.errors import Ssl3dError
+    from ssl3d_cli.runtime import progress
+
+    setup_logging(quiet=quiet, verbose=verbose)
+    progress.configure(enabled=not (no_progress or quiet))
+    try:
+        result = body()
+    except Ssl3dError as exc:
+        if debug:
+            traceback.print_exc()
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command (with --resume for training) to continue", 130)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # unexpected: still no traceback unless --debug
+        from ssl3d_cli.runtime.device import is_out_of_memory
+
+        if debug:
+            traceback.print_exc()
+        if is_out_of_memory(exc):
+            fail("out of memory; lower --batch-size (or --mc-batch / --size) and try again", 3)
+        fail(f"unexpected {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback and report it)", 1)
+    else:
+        emit(result, as_json=as_json, human=human)

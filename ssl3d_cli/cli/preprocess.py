@@ -1,0 +1,61 @@
+"""``ssl3d preprocess``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ssl3d_cli.cli.common import (
+    CacheDirOpt,
+    DebugOpt,
+    JsonOpt,
+    NoProgressOpt,
+    QuietOpt,
+    VerboseOpt,
+    run_stage,
+)
+
+NAME = "preprocess"
+HELP = ("Crop each scan to its foreground (from the image alone), resize to 128^3, normalise and cache it; "
+        "exactly invertible to the scan's geometry. Reads MSD, nnU-Net v2, BraTS and plain NIfTI folders.")
+EPILOG = ("Examples: ssl3d preprocess ./Task07_Pancreas --workers 8  |  "
+          "ssl3d preprocess ./BraTS2018 --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
+
+SizeOpt = Annotated[str, typer.Option("--size", help="Cache grid: one number or three (D,H,W). The paper: 128.")]
+
+
+def command(
+    dataset: Annotated[Path, typer.Argument(help="MSD / nnU-Net / BraTS / plain NIfTI folder.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Exact cache folder (default: keyed by dataset path and settings).")] = None,
+    size: SizeOpt = "128",
+    modality: Annotated[str, typer.Option(help="auto | ct | mr (how the foreground and intensities are found).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float16 (half the disk) or float32.")] = "float16",
+    workers: Annotated[int, typer.Option(help="Parallel processes.")] = 1,
+    shard: Annotated[str | None, typer.Option(help="I/N: only every N-th case from I (array jobs).")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Continue past bad cases and list them at the end.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Check the whole dataset first and list every problem.")] = False,
+    cache_dir: CacheDirOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    no_progress: NoProgressOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    def body() -> dict:
+        from ssl3d_cli.config import PreprocessConfig, parse_size
+        from ssl3d_cli.stages.preprocess import preprocess
+
+        config = PreprocessConfig(size=parse_size(size), modality=modality, dtype=dtype)
+        return preprocess(dataset, config=config, cache_dir=output, cache_root=cache_dir, workers=workers,
+                          shard=shard, skip_bad=skip_bad, verify=verify).to_dict()
+
+    def human(r: dict) -> None:
+        typer.echo(f"Cache: {r['cache_dir']}  ({r['processed']} processed, {r['up_to_date']} up to date, {r['cases']} cases)")
+        for bad in r["bad"]:
+            typer.echo(f"  skipped {bad['case']}: {bad['error']}")
+        if r["bad"]:
+            raise typer.Exit(1)
+
+    run_stage(body, as_json=json_out, quiet=quiet, verbose=verbose, no_progress=no_progress, debug=debug, human=human)

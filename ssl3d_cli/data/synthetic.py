@@ -1,0 +1,123 @@
+"""Synthetic datasets that look and behave like the paper's two tasks (for tests, the demo, trying the tool).
+
+CT-like (pancreas-like): HU intensities (air, fat, soft tissue), an irregular contrast-enhanced organ
+with a small hypodense lesion inside, noise, varying field of view, anisotropic spacing and several
+orientations. Labels 0 background / 1 organ / 2 lesion.
+
+MR-like (BraTS-like): four channels (FLAIR, T1, T1ce, T2) of a brain-like ellipsoid on a zero
+background, with nested regions whole tumour (edema, 2) > core (necrosis, 1) > enhancing rim (4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ORIENTATIONS = {
+    "RAS": (1, 1, 1),
+    "LPS": (-1, -1, 1),
+    "LAS": (-1, 1, 1),
+}
+CT_CLASSES = {0: "background", 1: "organ", 2: "lesion"}
+MR_CHANNELS = ["FLAIR", "T1w", "t1gd", "T2w"]
+MR_CLASSES = {0: "background", 1: "necrotic/non-enhancing core", 2: "edema", 4: "enhancing tumour"}
+
+
+@dataclass
+class SyntheticCase:
+    """image: (X, Y, Z) or (X, Y, Z, C); label: (X, Y, Z) original values; affine: (4, 4)."""
+
+    image: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+
+
+def _affine(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
+    code = list(ORIENTATIONS)[rng.integers(len(ORIENTATIONS))]
+    signs = ORIENTATIONS[code]
+    aff = np.eye(4)
+    for i in range(3):
+        aff[i, i] = signs[i] * spacing[i]
+        aff[i, 3] = -signs[i] * spacing[i] * shape[i] / 2 + rng.uniform(-20, 20)
+    return aff
+
+
+def _grid(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    axes = [np.linspace(-1, 1, s, dtype=np.float32) for s in shape]
+    return np.meshgrid(*axes, indexing="ij")
+
+
+def _blob(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: np.ndarray,
+          radii: np.ndarray, lobes: int = 4) -> np.ndarray:
+    """Irregular solid: union of a few jittered ellipsoids around a centre (bool mask)."""
+    mask = np.zeros(x.shape, dtype=bool)
+    for _ in range(lobes):
+        c = centre + rng.uniform(-0.6, 0.6, 3) * radii
+        r = radii * rng.uniform(0.5, 0.9, 3)
+        mask |= ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 <= 1
+    return mask
+
+
+def _jitter_shape(rng: np.random.Generator, shape: tuple[int, int, int], amount: float = 0.15) -> tuple[int, int, int]:
+    return tuple(max(12, int(round(s * rng.uniform(1 - amount, 1 + amount)))) for s in shape)  # type: ignore[return-value]
+
+
+def make_ct_case(rng: np.random.Generator, shape: tuple[int, int, int] = (64, 64, 32)) -> SyntheticCase:
+    """One CT-like case (int16 HU)."""
+    shape = _jitter_shape(rng, shape)
+    x, y, z = _grid(shape)
+    spacing = (float(rng.uniform(0.7, 1.0)),) * 2 + (float(rng.uniform(2.0, 4.0)),)
+    bc = rng.uniform(-0.1, 0.1, 2)
+    ra, rb = rng.uniform(0.7, 0.85), rng.uniform(0.55, 0.7)
+    body_r = ((x - bc[0]) / ra) ** 2 + ((y - bc[1]) / rb) ** 2
+    image = np.full(shape, -1000.0, dtype=np.float32)
+    image[body_r <= 1] = -100.0  # subcutaneous fat
+    image[body_r <= 0.8] = 40.0  # soft tissue
+    organ_c = np.array([bc[0] + rng.uniform(-0.25, 0.25), bc[1] + rng.uniform(-0.2, 0.2), rng.uniform(-0.3, 0.3)])
+    organ = _blob(rng, x, y, z, organ_c, np.array([0.28, 0.18, 0.45])) & (body_r <= 0.75)
+    lesion_c = organ_c + rng.uniform(-0.05, 0.05, 3)
+    lesion = (((x - lesion_c[0]) / 0.09) ** 2 + ((y - lesion_c[1]) / 0.09) ** 2 + ((z - lesion_c[2]) / 0.2) ** 2 <= 1) & organ
+    image[organ] = 110.0
+    image[lesion] = 15.0
+    image += rng.normal(0, 18, shape).astype(np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[organ] = 1
+    label[lesion] = 2
+    return SyntheticCase(np.clip(np.rint(image), -1024, 3071).astype(np.int16), label, _affine(rng, shape, spacing))
+
+
+def make_mr_case(rng: np.random.Generator, shape: tuple[int, int, int] = (48, 56, 48)) -> SyntheticCase:
+    """One MR-like case: (X, Y, Z, 4) float32 channels FLAIR, T1, T1ce, T2; BraTS labels 0/1/2/4."""
+    shape = _jitter_shape(rng, shape, 0.1)
+    x, y, z = _grid(shape)
+    spacing = (1.0, 1.0, float(rng.uniform(1.0, 2.0)))
+    brain_r = (x / 0.8) ** 2 + (y / 0.9) ** 2 + (z / 0.75) ** 2
+    brain = brain_r <= 1
+    c = np.array([rng.uniform(-0.35, 0.35), rng.uniform(-0.35, 0.35), rng.uniform(-0.25, 0.25)])
+    whole = _blob(rng, x, y, z, c, np.full(3, 0.32)) & brain
+    dist = np.sqrt(((x - c[0]) / 0.16) ** 2 + ((y - c[1]) / 0.16) ** 2 + ((z - c[2]) / 0.16) ** 2)
+    core = (dist <= 1) & whole
+    necrotic = (dist <= 0.55) & whole
+    label = np.zeros(shape, dtype=np.uint8)
+    label[whole] = 2
+    label[core] = 4
+    label[necrotic] = 1
+    # tissue, edema, enhancing, necrosis intensities per channel (FLAIR, T1, T1ce, T2)
+    table = {
+        "tissue": (300, 400, 420, 350),
+        "edema": (650, 320, 340, 700),
+        "enhancing": (500, 380, 900, 520),
+        "necrotic": (380, 200, 220, 800),
+    }
+    channels = []
+    for ch in range(4):
+        img = np.zeros(shape, dtype=np.float32)
+        img[brain] = table["tissue"][ch] * (1 + 0.15 * z[brain])  # a mild bias field
+        img[label == 2] = table["edema"][ch]
+        img[label == 4] = table["enhancing"][ch]
+        img[label == 1] = table["necrotic"][ch]
+        img[brain] += rng.normal(0, 25, int(brain.sum())).astype(np.float32)
+        img[~brain] = 0.0
+        channels.append(np.clip(img, 0, None))
+    return SyntheticCase(np.stack(channels, axis=-1), label, _affine(rng, shape, spacing))

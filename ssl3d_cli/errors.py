@@ -1,0 +1,29 @@
+"""Domain errors. Anything a user can cause raises one of these; the CLI turns it into one line."""
+
+
+class Ssl3dError(Exception):
+    """Base class: the message names the file or value at fault and what to do about it."""
+
+    exit_code = 2
+
+
+class InputDataError(Ssl3dError):
+    """A dataset, scan or label file is missing, unreadable or inconsistent."""
+
+
+class ConfigError(Ssl3dError):
+    """An option value is invalid or inconsistent with another option or artefact."""
+
+
+class CheckpointError(Ssl3dError):
+    """A checkpoint file is missing, of the wrong kind, or from a different configuration."""
+
+
+class DeviceError(Ssl3dError):
+    """The requested device is unavailable or ran out of memory."""
+
+
+class NotImplementedYetError(Ssl3dError):
+    """A subcommand that a later release builds."""
+
+    exit_code = 3
