@@ -175,7 +175,7 @@ class PretrainConfig:
             raise ConfigError(f"--patches-per-side {k}: must divide the volume size {size} (e.g. 2 or 4 for 128)")
         patch = [s // k for s in size]
         levels = len(self.model.widths)
-        if any(p < 2 ** (levels - 1) for p in patch):
+        if any(p < 2**levels for p in patch):  # keeps the bottleneck at least 2^3 (instance norm needs > 1 voxel)
             raise ConfigError(
                 f"--patches-per-side {k}: patches of {patch} are too small for {levels} U-Net levels; "
                 f"use fewer patches or fewer --widths"

@@ -1,0 +1,1 @@
+"""Batched, on-device 3D augmentations: SimCLR views and segmentation training."""

@@ -1,0 +1,1 @@
+"""Training machinery shared by pretraining and fine-tuning: run folders, batches, schedules, resume, signals."""
