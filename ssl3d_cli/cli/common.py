@@ -25,6 +25,14 @@ ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads for torc
 CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Root of preprocessed caches (default: $SSL3D_CACHE_DIR or the user cache dir).")]
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (test runners swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(*, quiet: bool, verbose: bool) -> None:
     """Log lines to stderr: rich on a terminal, plain time-stamped lines in cluster logs."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
@@ -40,7 +48,7 @@ def setup_logging(*, quiet: bool, verbose: bool) -> None:
 
         handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
 

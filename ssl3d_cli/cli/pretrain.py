@@ -40,7 +40,7 @@ def command(
     size: SizeOpt = "128",
     widths: WidthsOpt = "16,32,64,128,256",
     temperature: Annotated[float, typer.Option(help="NT-Xent temperature (the paper: 0.05; also 0.1, 0.5).")] = 0.05,
-    negatives: Annotated[str, typer.Option(help="batch: all other views of the global batch (paper text); volume: only patches of the same scan (authors' code).")] = "batch",
+    negatives: Annotated[str, typer.Option(help="batch: all other views (paper text); volume: only patches of the same scan (authors code).")] = "batch",
     augmentations: Annotated[str, typer.Option(help="Comma list from rotate,colour,identity,noise,blur,sobel,cutout.")] = "rotate,colour,identity,noise,blur,sobel",
     lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate (not scaled with the number of GPUs).")] = 1e-3,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-5,

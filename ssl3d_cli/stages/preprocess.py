@@ -105,10 +105,7 @@ def _case_payload(case: CaseSpec, *, spec: DatasetSpec, modality: str, label_val
 
 
 def preprocess_case(payload: dict[str, Any]) -> str:
-    """Worker: read one case, preprocess it, write its arrays then its record (atomic, record last)."""
-    import torch
-
-    torch.set_num_threads(1)
+    """Read one case, preprocess it, write its arrays then its record (atomic, record last)."""
     config = PreprocessConfig(**{**payload["config"], "size": tuple(payload["config"]["size"]),
                                  "clip_percentiles": tuple(payload["config"]["clip_percentiles"])})
     image_paths = [Path(p) for p in payload["image_paths"]]
@@ -228,7 +225,7 @@ def preprocess(
                 bar.advance(1)
         else:
             ctx = multiprocessing.get_context("spawn")  # fork after torch threads start can deadlock
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_single_threaded) as pool:
                 futures = {pool.submit(preprocess_case, p): p["case_id"] for p in payloads}
                 for fut in as_completed(futures):
                     try:
@@ -250,6 +247,13 @@ def preprocess(
     )
     atomic_write_json(out / "manifest.json", manifest)
     return result
+
+
+def _single_threaded() -> None:
+    """Pool workers use one torch thread each: parallelism comes from the processes."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _run_one(payload: dict[str, Any], result: PreprocessResult, skip_bad: bool) -> None:

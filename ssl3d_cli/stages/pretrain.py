@@ -30,9 +30,7 @@ from ssl3d_cli.runtime.device import (
     is_out_of_memory,
     resolve_device,
     resolve_precision,
-    rng_state,
     seed_everything,
-    set_rng_state,
     set_threads,
 )
 from ssl3d_cli.runtime.distributed import DistInfo, all_gather_with_grad, all_reduce_mean, barrier, init_distributed
@@ -43,9 +41,10 @@ from ssl3d_cli.training.loop import (
     StopRequested,
     append_metrics,
     attach_log_file,
-    check_resume_compatible,
     choose_run_dir,
     detach_log_file,
+    restore_train_state,
+    save_train_state,
     step_generator,
     unwrap,
     warmup_cosine,
@@ -179,16 +178,9 @@ def pretrain(
 
     start_epoch, start_step, accum = 0, 0, {"loss": 0.0, "acc": 0.0, "n": 0}
     if resume:
-        state = checkpoints.load_checkpoint(last_path, fmt=checkpoints.TRAIN_STATE)
-        if state.get("stage") != "pretrain":
-            raise ConfigError(f"{last_path}: holds a {state.get('stage')} run, not pretraining")
-        check_resume_compatible(state["config"], full_config, last_path, ignore=RESUME_MUTABLE)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][dist.rank] if isinstance(state["rng"], list) else state["rng"])
-        start_epoch, start_step, accum = state["epoch"], state["step"], state["accum"]
+        state = restore_train_state(last_path, stage="pretrain", full_config=full_config, mutable=RESUME_MUTABLE, model=model,
+                                    optimizer=optimizer, scheduler=scheduler, scaler=scaler, rank=dist.rank)
+        start_epoch, start_step, accum = state["epoch"], state["step"], state["extra"]["accum"]
         if config.epochs != state["config"]["pretrain"]["epochs"]:  # a longer run keeps the schedule shape
             scheduler.lr_lambdas = [warmup_cosine(total_steps, config.warmup_epochs * batches.steps)]
         log.info("Resuming %s at epoch %d step %d", run_dir, start_epoch + 1, start_step)
@@ -207,19 +199,8 @@ def pretrain(
                         pin_memory=device.type == "cuda", persistent_workers=False)
 
     def save_state(epoch: int, step: int) -> None:
-        rng = rng_state()
-        if dist.enabled:  # every rank's dropout RNG, gathered to rank 0
-            import torch.distributed as tdist
-
-            gathered: list[Any] = [None] * dist.world_size
-            tdist.all_gather_object(gathered, rng)
-            rng = gathered
-        if dist.is_main:
-            checkpoints.save_checkpoint({
-                "stage": "pretrain", "config": full_config, "epoch": epoch, "step": step, "accum": accum,
-                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng,
-            }, last_path, fmt=checkpoints.TRAIN_STATE)
+        save_train_state(last_path, stage="pretrain", full_config=full_config, epoch=epoch, step=step, extra={"accum": accum},
+                         model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
     metrics: dict[str, Any] = {}
     t_start = time.perf_counter()

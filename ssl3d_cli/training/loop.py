@@ -195,3 +195,43 @@ def check_resume_compatible(saved_config: dict[str, Any], current_config: dict[s
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def save_train_state(path: Path, *, stage: str, full_config: dict[str, Any], epoch: int, step: int, extra: dict[str, Any],
+                     model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any) -> None:
+    """Write ``last.pt`` (rank 0) with every rank's RNG state; call on all ranks (it gathers)."""
+    import torch.distributed as tdist
+
+    from ssl3d_cli import checkpoints
+    from ssl3d_cli.runtime.device import rng_state
+
+    rng: Any = rng_state()
+    if tdist.is_available() and tdist.is_initialized():
+        gathered: list[Any] = [None] * tdist.get_world_size()
+        tdist.all_gather_object(gathered, rng)
+        rng = gathered
+        if tdist.get_rank() != 0:
+            return
+    checkpoints.save_checkpoint({
+        "stage": stage, "config": full_config, "epoch": epoch, "step": step, "extra": extra,
+        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "rng": rng,
+    }, path, fmt=checkpoints.TRAIN_STATE)
+
+
+def restore_train_state(path: Path, *, stage: str, full_config: dict[str, Any], mutable: tuple[str, ...], model: torch.nn.Module,
+                        optimizer: Any, scheduler: Any, scaler: Any, rank: int = 0) -> dict[str, Any]:
+    """Load ``last.pt`` after checking it is this stage with compatible settings; restores RNG states."""
+    from ssl3d_cli import checkpoints
+    from ssl3d_cli.runtime.device import set_rng_state
+
+    state = checkpoints.load_checkpoint(path, fmt=checkpoints.TRAIN_STATE)
+    if state.get("stage") != stage:
+        raise ConfigError(f"{path}: holds a {state.get('stage')} run, not {stage}")
+    check_resume_compatible(state["config"], full_config, path, ignore=mutable)
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+    return state
