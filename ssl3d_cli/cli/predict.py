@@ -1,14 +1,80 @@
-"""``ssl3d predict``: built by a later issue."""
+"""``ssl3d predict``."""
 
 from __future__ import annotations
 
-from ssl3d_cli.cli.common import fail
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ssl3d_cli.cli.common import (
+    DebugOpt,
+    DeviceOpt,
+    JsonOpt,
+    NoProgressOpt,
+    PrecisionOpt,
+    QuietOpt,
+    SeedOpt,
+    ThreadsOpt,
+    VerboseOpt,
+    run_stage,
+)
 
 NAME = "predict"
-HELP = "(not built yet) see the issue tracker."
-EPILOG = ""
-NO_ARGS_HELP = False
+HELP = ("Segment scans with Monte-Carlo dropout and a vote rule (majority, weighted, weighted-probs, borda, union, mean); "
+        "outputs lie exactly on each scan's grid, in the dataset's original label values.")
+EPILOG = ("Examples: ssl3d predict scan.nii.gz --mc-samples 100 --vote borda  |  "
+          "ssl3d predict ./Task07_Pancreas/imagesTs -o preds/ --model runs/finetune-.../model.pt --vote union --union-class tumour  |  "
+          "ssl3d predict ./Task07_Pancreas --split test --model runs/finetune-.../model.pt -o preds/")
+
+ModelOpt = Annotated[Path | None, typer.Option("--model", help="model.pt from `ssl3d finetune` (default: the newest fine-tuned run).")]
+McSamplesOpt = Annotated[int, typer.Option("--mc-samples", help="MC-dropout samples N (0 or 1: one deterministic pass). The paper: 100.")]
+DropEncOpt = Annotated[float, typer.Option("--dropout-encoder", help="Encoder dropout rate while sampling (paper's best 0.3).")]
+DropDecOpt = Annotated[float, typer.Option("--dropout-decoder", help="Decoder dropout rate while sampling (paper's best 0.0).")]
+McBatchOpt = Annotated[int, typer.Option("--mc-batch", help="Samples per forward batch (0: chosen from free memory).")]
+ShardOpt = Annotated[str | None, typer.Option("--shard", help="I/N: every N-th input from I (array jobs).")]
+SplitOpt = Annotated[str | None, typer.Option("--split", help="'test': the held-out test cases of the model's fine-tuning run.")]
 
 
-def command() -> None:
-    fail("ssl3d predict is not built yet in this version", 3)
+def command(
+    inputs: Annotated[list[Path], typer.Argument(help="NIfTI file(s), a folder, a BraTS case folder, an nnU-Net _0000 folder or a dataset.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder for <case>.nii.gz.")] = Path("predictions"),
+    model: ModelOpt = None,
+    mc_samples: McSamplesOpt = 0,
+    vote: Annotated[str, typer.Option(help="majority | weighted | weighted-probs | borda | union | mean.")] = "majority",
+    vote_weights: Annotated[str | None, typer.Option("--vote-weights", help="Per-class weights for weighted / weighted-probs, e.g. 1,2,2.")] = None,
+    union_class: Annotated[list[str] | None, typer.Option("--union-class", help="Class for --vote union (name or value; repeat, first wins).")] = None,
+    dropout_encoder: DropEncOpt = 0.3,
+    dropout_decoder: DropDecOpt = 0.0,
+    mc_batch: McBatchOpt = 0,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write mean class probabilities (4D NIfTI).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo cases whose output exists.")] = False,
+    shard: ShardOpt = None,
+    split: SplitOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = 0,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    no_progress: NoProgressOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    def body() -> dict:
+        from ssl3d_cli.config import MCConfig, RuntimeConfig, parse_float_list
+        from ssl3d_cli.stages.predict import predict
+
+        mc = MCConfig(mc_samples=mc_samples, dropout_encoder=dropout_encoder, dropout_decoder=dropout_decoder, vote=vote,
+                      vote_weights=parse_float_list(vote_weights, option="--vote-weights") if vote_weights else (),
+                      union_classes=tuple(union_class or ()), mc_batch=mc_batch, seed=seed)
+        runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed)
+        return predict(inputs, output=output, model=model, mc=mc, runtime=runtime, overwrite=overwrite, shard=shard, split=split,
+                       save_probabilities=save_probabilities)
+
+    def human(r: dict) -> None:
+        for c in r["cases"]:
+            typer.echo(c["segmentation"])
+        typer.echo(f"{r['predicted']} case(s) written to {r['output']} ({r['skipped_existing']} existing skipped; vote {r['vote']})")
+
+    run_stage(body, as_json=json_out, quiet=quiet, verbose=verbose, no_progress=no_progress, debug=debug, human=human)

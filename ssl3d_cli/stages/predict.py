@@ -1,0 +1,132 @@
+"""``ssl3d predict``: MC-dropout segmentation with a vote rule, written in each scan's own geometry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ssl3d_cli import __version__
+from ssl3d_cli.config import MCConfig, RuntimeConfig
+from ssl3d_cli.data.cache import atomic_write_json
+from ssl3d_cli.data.datasets import CaseSpec, discover_dataset, discover_inputs
+from ssl3d_cli.data.nifti import write_like
+from ssl3d_cli.data.preprocessing import restore_scores, unmap_labels
+from ssl3d_cli.errors import ConfigError, InputDataError
+from ssl3d_cli.inference.pipeline import (
+    Segmenter,
+    accumulate,
+    background_fill,
+    labels_on_scan,
+    load_segmenter,
+    prepare_case,
+    validate_vote_options,
+)
+from ssl3d_cli.runtime import progress
+from ssl3d_cli.runtime.device import describe_device, resolve_device, resolve_precision, set_threads
+from ssl3d_cli.stages.preprocess import check_writable, parse_shard
+from ssl3d_cli.training.loop import latest_run
+
+log = logging.getLogger("ssl3d")
+
+
+def find_model(model: Path | None) -> Path:
+    """The given model, or the newest fine-tuned run's model.pt under runs/ (named in the log)."""
+    if model is not None:
+        return Path(model).expanduser()
+    candidates = [r for r in (latest_run("finetune", marker="model.pt"), latest_run("scratch", marker="model.pt")) if r is not None]
+    if not candidates:
+        raise ConfigError("no --model given and no fine-tuned run with model.pt under runs/; pass --model RUN/model.pt")
+    run = max(candidates, key=lambda p: (p / "model.pt").stat().st_mtime)
+    log.info("Model: %s (newest fine-tuned run)", run / "model.pt")
+    return run / "model.pt"
+
+
+def resolve_cases(inputs: list[Path], *, split: str | None, model_path: Path) -> list[CaseSpec]:
+    """Cases from the inputs; ``split='test'`` takes the held-out test cases of the model's fine-tuning run."""
+    if split is None:
+        cases, _ = discover_inputs(inputs)
+        return cases
+    if split != "test":
+        raise ConfigError(f"--split {split!r}: only 'test' is supported (the held-out cases of the fine-tuning run)")
+    split_path = model_path.parent / "split.json"
+    if not split_path.exists():
+        raise InputDataError(f"{split_path}: not found; --split test needs the model's fine-tuning run folder")
+    roles = json.loads(split_path.read_text())["cases"]
+    if len(inputs) != 1:
+        raise ConfigError("--split test takes exactly one dataset folder")
+    spec = discover_dataset(inputs[0])
+    cases = [CaseSpec(c.case_id, c.image_paths) for c in spec.cases if roles.get(c.case_id) == "test"]
+    if not cases:
+        raise InputDataError(f"{inputs[0]}: none of the test cases of {split_path} are in this dataset")
+    return cases
+
+
+def predict_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, union_classes: list[int],
+                save_probabilities: bool) -> dict[str, Any]:
+    """Predict one case and write ``<case>.nii.gz`` (and ``<case>_probabilities.nii.gz``)."""
+    t0 = time.perf_counter()
+    image, geometry = prepare_case(seg, case)
+    acc = accumulate(seg, image, mc)
+    labels = labels_on_scan(acc, geometry, rule=mc.vote if mc.stochastic else "mean", union_classes=union_classes)
+    out = write_like(unmap_labels(labels, seg.label_values), case.image_paths[0], out_dir / f"{case.case_id}.nii.gz")
+    record: dict[str, Any] = {"case": case.case_id, "segmentation": str(out), "seconds": round(time.perf_counter() - t0, 3)}
+    if save_probabilities:
+        import numpy as np
+
+        probs = restore_scores(acc.mean_prob().cpu(), geometry, background=background_fill(seg.num_classes))
+        path = write_like(np.moveaxis(probs, 0, -1).astype(np.float32), case.image_paths[0], out_dir / f"{case.case_id}_probabilities.nii.gz")
+        record["probabilities"] = str(path)
+    return record
+
+
+def predict(
+    inputs: list[Path | str],
+    *,
+    output: Path | str,
+    model: Path | None = None,
+    mc: MCConfig | None = None,
+    runtime: RuntimeConfig | None = None,
+    overwrite: bool = False,
+    shard: str | None = None,
+    split: str | None = None,
+    save_probabilities: bool = False,
+) -> dict[str, Any]:
+    """Segment every input case; existing outputs are skipped unless ``overwrite``.
+
+    Args:
+        inputs: NIfTI files, folders, BraTS case folders, nnU-Net ``_0000`` folders or a dataset.
+        output: folder for ``<case>.nii.gz`` and ``predict_args.json``.
+        split: ``"test"``: the held-out test cases of the model's fine-tuning run (inputs = the dataset).
+    """
+    mc = (mc or MCConfig()).validate()
+    runtime = (runtime or RuntimeConfig()).validate()
+    model_path = find_model(model)
+    device = resolve_device(runtime.device)
+    set_threads(runtime.threads)
+    precision = resolve_precision(runtime.precision, device)
+    seg = load_segmenter(model_path, device=device, precision=precision)
+    union_classes = validate_vote_options(seg, mc)
+    cases = resolve_cases([Path(p) for p in inputs], split=split, model_path=model_path)
+    index, count = parse_shard(shard)
+    cases = cases[index::count]
+    out_dir = Path(output).expanduser()
+    check_writable(out_dir)
+    todo = [c for c in cases if overwrite or not (out_dir / f"{c.case_id}.nii.gz").exists()]
+    log.info("Device: %s, precision %s; %d case(s) to predict (%d already done) with %s", describe_device(device), precision.name,
+             len(todo), len(cases) - len(todo),
+             f"{mc.mc_samples} MC samples (dropout encoder {mc.dropout_encoder}, decoder {mc.dropout_decoder}), vote {mc.vote}"
+             if mc.stochastic else "one deterministic pass")
+    atomic_write_json(out_dir / "predict_args.json", {
+        "tool_version": __version__, "model": str(model_path.resolve()), "mc": mc.to_dict(), "runtime": runtime.to_dict(),
+        "inputs": [str(p) for p in inputs], "split": split, "shard": shard, "class_names": seg.class_names, "label_values": seg.label_values,
+    })
+    records = []
+    with progress.task("Predicting", total=len(todo)) as bar:
+        for case in todo:
+            records.append(predict_one(seg, case, out_dir, mc=mc, union_classes=union_classes, save_probabilities=save_probabilities))
+            bar.advance(1)
+    return {"output": str(out_dir), "model": str(model_path), "predicted": len(records), "skipped_existing": len(cases) - len(todo),
+            "vote": mc.vote if mc.stochastic else "deterministic", "mc_samples": mc.mc_samples, "cases": records}
