@@ -1,0 +1,296 @@
+"""``ssl3d experiment NAME DATASET``: the paper's figures, reproducible, resumable and shardable.
+
+``label-fractions`` (Figures 1-2): for each label fraction and repetition (seed), fine-tune from the
+SimCLR encoder and from scratch on the same seeded split, evaluate on the fixed test cases.
+
+``mc-dropout`` (Figures 3-6): for the same models, deterministic vs MC dropout, dropout on the
+encoder / decoder / both, encoder rates 0.1-0.5, and every vote rule. One MC run per (model, case,
+dropout setting) serves every vote rule, since all rules come from the same running sums.
+
+Each run writes ``row(s).json`` in its own folder; finished runs are skipped, ``--shard I/N`` takes
+every N-th run, and ``--collect`` (or any unsharded call) merges ``results.csv``, ``summary.json``
+and the plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssl3d_cli.config import FinetuneConfig, MCConfig, ModelConfig, PreprocessConfig, PretrainConfig, RuntimeConfig
+from ssl3d_cli.data.cache import atomic_write_bytes, atomic_write_json
+from ssl3d_cli.errors import ConfigError
+from ssl3d_cli.runtime import progress
+
+log = logging.getLogger("ssl3d")
+EXPERIMENTS = ("label-fractions", "mc-dropout")
+VOTE_RULES = ("majority", "weighted", "weighted-probs", "borda", "union", "mean")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes of one experiment; ``quick`` fits a CPU in minutes, the default is the paper's."""
+
+    size: int
+    widths: tuple[int, ...]
+    patches_per_side: int
+    pretrain_epochs: int
+    finetune_epochs: int
+    freeze_epochs: int
+    mc_samples: int
+    batch_size: int
+
+    @classmethod
+    def make(cls, quick: bool) -> Settings:
+        if quick:
+            return cls(32, (8, 16, 32), 2, 20, 30, 5, 10, 2)
+        return cls(128, (16, 32, 64, 128, 256), 4, 1000, 400, 25, 100, 2)
+
+
+def _run_id(method: str, fraction: float, seed: int) -> str:
+    return f"{method}-f{fraction:g}-s{seed}"
+
+
+def _ensure_encoder(dataset: Path, out: Path, s: Settings, runtime: RuntimeConfig, encoder: Path | None, sharded: bool,
+                    cache_root: Path | None) -> Path:
+    if encoder is not None:
+        return Path(encoder)
+    path = out / "pretrain" / "encoder.pt"
+    if path.exists():
+        return path
+    if sharded:
+        raise ConfigError(f"--shard needs the encoder first: give --encoder, or run the experiment once without --shard "
+                          f"(or `ssl3d pretrain {dataset} -o {out / 'pretrain'}`)")
+    from ssl3d_cli.stages.pretrain import pretrain
+
+    log.info("No --encoder: pretraining one into %s", path.parent)
+    resume = (out / "pretrain" / "last.pt").exists()
+    pretrain(dataset, config=PretrainConfig(epochs=s.pretrain_epochs, patches_per_side=s.patches_per_side, model=ModelConfig(widths=s.widths),
+                                            workers=0 if s.size <= 32 else 2, temperature=0.05 if s.size > 32 else 0.1),
+             runtime=runtime, preprocess_config=PreprocessConfig(size=(s.size,) * 3), output=path.parent, resume=resume, cache_root=cache_root)
+    return path
+
+
+def _train(dataset: Path, run_dir: Path, *, method: str, fraction: float, seed: int, s: Settings, runtime: RuntimeConfig, encoder: Path,
+           cache_root: Path | None) -> dict[str, Any]:
+    """Fine-tune one model (or reuse a finished one) and return its test table."""
+    from ssl3d_cli.stages.finetune import finetune
+
+    if (run_dir / "test_metrics.json").exists() and (run_dir / "model.pt").exists():
+        return json.loads((run_dir / "test_metrics.json").read_text())
+    config = FinetuneConfig(epochs=s.finetune_epochs, freeze_epochs=s.freeze_epochs, label_fraction=fraction, batch_size=s.batch_size,
+                            from_scratch=method == "scratch", workers=0 if s.size <= 32 else 2, model=ModelConfig(widths=s.widths),
+                            learning_rate=3e-3 if s.size <= 32 else 1e-3, val_fraction=0.2 if s.size <= 32 else 0.1)
+    resume = (run_dir / "last.pt").exists()
+    finetune(dataset, encoder=None if method == "scratch" else encoder, config=config, runtime=RuntimeConfig(**{**runtime.to_dict(), "seed": seed}),
+             preprocess_config=PreprocessConfig(size=(s.size,) * 3), output=run_dir, resume=resume, cache_root=cache_root)
+    return json.loads((run_dir / "test_metrics.json").read_text())
+
+
+def _mc_rows(model_path: Path, test_ids: list[str], cache_dir: Path, *, s: Settings, runtime: RuntimeConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Dice of every MC setting and vote rule on the test cases of one model."""
+    import nibabel as nib
+
+    from ssl3d_cli.data.cache import Cache
+    from ssl3d_cli.data.datasets import CaseSpec
+    from ssl3d_cli.data.preprocessing import unmap_labels
+    from ssl3d_cli.inference.pipeline import accumulate, labels_on_scan, load_segmenter, prepare_case
+    from ssl3d_cli.metrics import dice
+    from ssl3d_cli.runtime.device import resolve_device, resolve_precision
+
+    device = resolve_device(runtime.device)
+    seg = load_segmenter(model_path, device=device, precision=resolve_precision(runtime.precision, device))
+    cache = Cache(cache_dir)
+    weights = tuple([1.0] + [2.0] * (seg.num_classes - 1))  # the paper: background 1, pancreas 2, tumour 2
+    settings = [("deterministic", 0.0, 0.0, ("majority",))]
+    settings += [("site", 0.3, 0.0, VOTE_RULES), ("site", 0.0, 0.3, ("majority",)), ("site", 0.3, 0.3, ("majority",))]
+    settings += [("rate", r, 0.0, ("majority",)) for r in (0.1, 0.2, 0.4, 0.5)]
+    per: dict[tuple, list[list[float]]] = {}
+    for cid in test_ids:
+        sources = [Path(x["path"]) for x in cache.record(cid)["sources"]]
+        truth = np.asarray(nib.load(str(sources[-1])).dataobj).astype(np.int64)
+        image, geometry = prepare_case(seg, CaseSpec(cid, sources[:-1]))
+        for group, enc, dec, rules in settings:
+            mc = MCConfig(mc_samples=0 if group == "deterministic" else s.mc_samples, dropout_encoder=enc, dropout_decoder=dec,
+                          vote_weights=weights, seed=base["seed"])
+            acc = accumulate(seg, image, mc)
+            for rule in rules:
+                union = [seg.num_classes - 1] if rule == "union" else []  # the smallest structure (tumour / lesion)
+                labels = unmap_labels(labels_on_scan(acc, geometry, rule=rule if mc.stochastic else "mean", union_classes=union), seg.label_values)
+                per.setdefault((group, enc, dec, rule), []).append([dice(labels == v, truth == v) for v in seg.label_values[1:]])
+    rows = []
+    for (group, enc, dec, rule), scores in per.items():
+        mean = np.mean(scores, axis=0)
+        row = {**base, "setting": group, "dropout_encoder": enc, "dropout_decoder": dec, "vote": rule}
+        row.update({f"dice_{n}": float(v) for n, v in zip(seg.class_names[1:], mean)})
+        row["dice_mean_fg"] = float(mean.mean())
+        rows.append(row)
+    # "rate" 0.3 is the "site" encoder-only run: repeat it under "rate" so the rate curve is complete
+    rows += [{**r, "setting": "rate"} for r in rows if r["setting"] == "site" and r["dropout_encoder"] == 0.3 and r["dropout_decoder"] == 0.0
+             and r["vote"] == "majority"]
+    return rows
+
+
+def experiment(
+    name: str,
+    dataset: Path | str,
+    *,
+    output: Path | str,
+    encoder: Path | None = None,
+    quick: bool = False,
+    fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0),
+    repetitions: int = 1,
+    seed: int = 0,
+    runtime: RuntimeConfig | None = None,
+    shard: str | None = None,
+    collect_only: bool = False,
+    cache_root: Path | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Run (this shard of) an experiment, then merge results and plots unless sharded.
+
+    ``settings`` overrides the quick/paper sizes (tests use it for seconds-long runs).
+    """
+    from ssl3d_cli.stages.preprocess import ensure_cache, parse_shard
+
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"experiment {name!r}: choose {' or '.join(EXPERIMENTS)}")
+    if repetitions < 1 or not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise ConfigError("--repetitions must be >= 1 and --fractions in (0, 1]")
+    runtime = (runtime or RuntimeConfig()).validate()
+    s = settings or Settings.make(quick)
+    out = Path(output).expanduser() / name
+    dataset = Path(dataset).expanduser()
+    runs = [(m, f, seed + r) for r in range(repetitions) for f in fractions for m in ("simclr", "scratch")]
+    index, count = parse_shard(shard)
+    if not collect_only:
+        cache = ensure_cache(dataset, config=PreprocessConfig(size=(s.size,) * 3), cache_root=cache_root)
+        enc = _ensure_encoder(dataset, out.parent, s, runtime, encoder, count > 1, cache_root)
+        mine = runs[index::count]
+        with progress.task(f"Experiment {name}", total=len(mine)) as bar:
+            for method, fraction, run_seed in mine:
+                run_dir = out.parent / "runs" / _run_id(method, fraction, run_seed)
+                rows_path = out / "rows" / f"{_run_id(method, fraction, run_seed)}.json"
+                if rows_path.exists():
+                    bar.advance(1)
+                    continue
+                table = _train(dataset, run_dir, method=method, fraction=fraction, seed=run_seed, s=s, runtime=runtime, encoder=enc,
+                               cache_root=cache_root)
+                base = {"experiment": name, "method": method, "fraction": fraction, "seed": run_seed}
+                if name == "label-fractions":
+                    rows = [{**base, "setting": "deterministic", **{k: v for k, v in table["mean"].items() if k.startswith("dice")}}]
+                else:
+                    split = json.loads((run_dir / "split.json").read_text())["cases"]
+                    test_ids = sorted(c for c, r in split.items() if r == "test")
+                    rows = _mc_rows(run_dir / "model.pt", test_ids, cache.root, s=s, runtime=runtime, base=base)
+                atomic_write_json(rows_path, rows)
+                bar.advance(1)
+    if count > 1 and not collect_only:
+        return {"output": str(out), "shard": f"{index}/{count}", "runs": len(runs[index::count]),
+                "next": f"ssl3d experiment {name} {dataset} -o {out.parent} --collect"}
+    return collect(name, out, quick=quick)
+
+
+def collect(name: str, out: Path, *, quick: bool) -> dict[str, Any]:
+    """Merge every run's rows into results.csv and summary.json, and draw the plots."""
+    rows: list[dict[str, Any]] = []
+    for path in sorted((out / "rows").glob("*.json")):
+        rows.extend(json.loads(path.read_text()))
+    if not rows:
+        raise ConfigError(f"{out}: no finished runs to collect yet")
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
+    summary = summarise(rows)
+    atomic_write_json(out / "summary.json", summary)
+    plots = draw_plots(name, summary, out)
+    return {"output": str(out), "results": str(out / "results.csv"), "summary": summary, "plots": [str(p) for p in plots], "rows": len(rows)}
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std of the foreground Dice over seeds, per (method, fraction, setting, dropout, vote)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        key = (r["method"], r["fraction"], r["setting"], r.get("dropout_encoder", 0.0), r.get("dropout_decoder", 0.0), r.get("vote", "deterministic"))
+        groups.setdefault(key, []).append(r["dice_mean_fg"])
+    out = []
+    for (method, fraction, setting, enc, dec, vote), vals in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        out.append({"method": method, "fraction": fraction, "setting": setting, "dropout_encoder": enc, "dropout_decoder": dec, "vote": vote,
+                    "dice_mean_fg": float(np.mean(vals)), "dice_std": float(np.std(vals)), "n": len(vals)})
+    return out
+
+
+def draw_plots(name: str, summary: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"simclr": "3D SimCLR", "scratch": "baseline (from scratch)"}
+    paths = []
+    if name == "label-fractions":
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for method in ("simclr", "scratch"):
+            pts = sorted((r["fraction"], r["dice_mean_fg"], r["dice_std"]) for r in summary if r["method"] == method)
+            if pts:
+                x, y, e = (np.array(v) for v in zip(*pts))
+                ax.plot(x * 100, y, marker="o", label=labels[method])
+                ax.fill_between(x * 100, y - e, y + e, alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xticks([5, 10, 25, 50, 100], ["5%", "10%", "25%", "50%", "100%"])
+        ax.set_xlabel("labelled training cases")
+        ax.set_ylabel("mean foreground Dice (test)")
+        ax.set_title("Fine-tuning with fewer labels (Figures 1-2)")
+        ax.legend()
+        paths.append(_save(fig, out / "label_fractions.png"))
+    else:
+        fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+        fractions = sorted({r["fraction"] for r in summary})
+        for ax, (title, select, xlab) in zip(axes, [
+            ("Deterministic vs MC (Fig. 3)", lambda r: (r["setting"] == "deterministic") or (r["setting"] == "site" and r["dropout_encoder"] == 0.3
+                                                                                                and r["dropout_decoder"] == 0.0 and r["vote"] == "majority"),
+             lambda r: f"{'SimCLR' if r['method'] == 'simclr' else 'baseline'} {'MC' if r['setting'] != 'deterministic' else 'det'}"),
+            ("Dropout site (Fig. 4)", lambda r: r["setting"] == "site" and r["vote"] == "majority" and r["method"] == "simclr",
+             lambda r: {(0.3, 0.0): "encoder", (0.0, 0.3): "decoder", (0.3, 0.3): "both"}[(r["dropout_encoder"], r["dropout_decoder"])]),
+            ("Encoder dropout rate (Fig. 5)", lambda r: r["setting"] == "rate" and r["method"] == "simclr", lambda r: f"{r['dropout_encoder']:g}"),
+            ("Vote rule (Fig. 6)", lambda r: r["setting"] == "site" and r["dropout_encoder"] == 0.3 and r["dropout_decoder"] == 0.0
+             and r["method"] == "simclr", lambda r: r["vote"]),
+        ]):
+            width = 0.8 / max(len(fractions), 1)
+            for i, f in enumerate(fractions):
+                sel = [r for r in summary if select(r) and r["fraction"] == f]
+                if title.startswith("Encoder"):
+                    sel.sort(key=lambda r: r["dropout_encoder"])
+                names = [xlab(r) for r in sel]
+                pos = np.arange(len(sel)) + i * width
+                ax.bar(pos, [r["dice_mean_fg"] for r in sel], width, yerr=[r["dice_std"] for r in sel], label=f"{f:g}")
+                ax.set_xticks(np.arange(len(sel)) + width * (len(fractions) - 1) / 2, names, rotation=30, ha="right")
+            ax.set_title(title)
+            ax.set_ylabel("mean foreground Dice (test)")
+        axes[0].legend(title="label fraction")
+        paths.append(_save(fig, out / "mc_dropout.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
