@@ -114,6 +114,8 @@ def test_resume_after_kill_and_after_sigterm_equals_uninterrupted(ct_cache, tmp_
     stage.pretrain(ct_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "killed", resume=True)
     for k, v in _weights(tmp_path / "killed").items():
         assert torch.equal(v, reference[k]), k
+    epochs = [json.loads(ln)["epoch"] for ln in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]  # the redone epoch 3 is logged once
 
     # 2) SIGTERM in the middle of epoch 2: state saved mid-epoch, exit 75, resume equals too
     calls = {"n": 0}

@@ -40,7 +40,7 @@ from ssl3d_cli.runtime.device import (
     seed_everything,
     set_threads,
 )
-from ssl3d_cli.runtime.distributed import all_reduce_mean, barrier, init_distributed
+from ssl3d_cli.runtime.distributed import all_reduce_mean, any_rank, barrier, init_distributed
 from ssl3d_cli.stages.evaluate import evaluate, to_csv_text
 from ssl3d_cli.stages.preprocess import ensure_cache
 from ssl3d_cli.training.loop import (
@@ -55,6 +55,7 @@ from ssl3d_cli.training.loop import (
     restore_train_state,
     save_train_state,
     step_generator,
+    truncate_metrics,
     unwrap,
     warmup_cosine,
 )
@@ -288,6 +289,8 @@ def finetune(
                                     optimizer=optimizer, scheduler=scheduler, scaler=scaler, rank=dist.rank)
         start_epoch, start_step, extra = state["epoch"], state["step"], state["extra"]
         log.info("Resuming %s at epoch %d step %d", run_dir, start_epoch + 1, start_step)
+        if dist.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
 
     def wrap(net: torch.nn.Module) -> torch.nn.Module:
         if not dist.enabled:
@@ -347,10 +350,10 @@ def finetune(
                     scheduler.step()
                     extra["accum"]["loss"] += float(all_reduce_mean(loss.detach()))
                     extra["accum"]["n"] += 1
-                    if guard.requested is not None:
+                    if any_rank(guard.requested is not None, device):
                         save_train_state(last_path, stage=stage_name, full_config=full_config, epoch=epoch, step=step + 1, extra=extra,
                                          model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-                        raise StopRequested(f"signal {guard.requested}: state saved in {last_path}; rerun with --resume to continue")
+                        raise StopRequested(f"signal {guard.requested or 'on another rank'}: state saved in {last_path}; rerun with --resume to continue")
                 start_step = 0
                 metrics = {"epoch": epoch + 1, "loss": extra["accum"]["loss"] / max(extra["accum"]["n"], 1),
                            "lr": scheduler.get_last_lr()[0], "encoder_frozen": epoch < freeze_epochs,

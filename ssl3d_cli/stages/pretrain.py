@@ -33,7 +33,7 @@ from ssl3d_cli.runtime.device import (
     seed_everything,
     set_threads,
 )
-from ssl3d_cli.runtime.distributed import DistInfo, all_gather_with_grad, all_reduce_mean, barrier, init_distributed
+from ssl3d_cli.runtime.distributed import DistInfo, all_gather_with_grad, all_reduce_mean, any_rank, barrier, init_distributed
 from ssl3d_cli.stages.preprocess import ensure_cache
 from ssl3d_cli.training.loop import (
     EpochBatches,
@@ -46,6 +46,7 @@ from ssl3d_cli.training.loop import (
     restore_train_state,
     save_train_state,
     step_generator,
+    truncate_metrics,
     unwrap,
     warmup_cosine,
 )
@@ -184,6 +185,8 @@ def pretrain(
         if config.epochs != state["config"]["pretrain"]["epochs"]:  # a longer run keeps the schedule shape
             scheduler.lr_lambdas = [warmup_cosine(total_steps, config.warmup_epochs * batches.steps)]
         log.info("Resuming %s at epoch %d step %d", run_dir, start_epoch + 1, start_step)
+        if dist.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
 
     handler = attach_log_file(run_dir, "pretrain") if dist.is_main else None
     if dist.is_main:
@@ -232,9 +235,9 @@ def pretrain(
                     accum["acc"] += float(all_reduce_mean(acc.detach()))
                     accum["n"] += 1
                     patches_seen += volumes.shape[0] * config.patches_per_side**3 * dist.world_size
-                    if guard.requested is not None:
+                    if any_rank(guard.requested is not None, device):
                         save_state(epoch, step + 1)
-                        raise StopRequested(f"signal {guard.requested}: state saved in {last_path}; rerun with --resume to continue")
+                        raise StopRequested(f"signal {guard.requested or 'on another rank'}: state saved in {last_path}; rerun with --resume to continue")
                 start_step = 0
                 elapsed = time.perf_counter() - t_epoch
                 metrics = {"epoch": epoch + 1, "loss": accum["loss"] / max(accum["n"], 1), "top1": accum["acc"] / max(accum["n"], 1),

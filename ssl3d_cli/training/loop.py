@@ -235,3 +235,13 @@ def restore_train_state(path: Path, *, stage: str, full_config: dict[str, Any], 
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
     return state
+
+
+def truncate_metrics(path: Path, last_epoch: int) -> None:
+    """On resume, drop metric lines of epochs after the checkpoint (they are about to be redone)."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", 0) <= last_epoch]
+    from ssl3d_cli.data.cache import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(f"{ln}\n" for ln in kept).encode())

@@ -1,0 +1,84 @@
+"""MC-dropout inference: seconds per scan and peak memory, ssl3d vs a naive loop.
+
+    python benchmarks/mc_dropout.py [--device auto] [--sizes 64,128] [--samples 1,10,100] [--widths 16,32,64,128,256]
+
+ssl3d: eval mode with only dropout modules sampling, the deterministic prefix computed once,
+samples in batches, running vote sums (memory flat in N).
+naive: what a user writes by hand: ``model.train()`` (all modules), N full forward passes, every
+sample's probabilities kept, then a majority vote.
+Each configuration runs in a fresh process; CPU peak memory is that process's max RSS, GPU peak
+is torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_child  # noqa: E402
+
+CHILD = """
+import json, sys, time, resource
+import torch
+from ssl3d_cli.config import ModelConfig
+from ssl3d_cli.models.unet import UNet
+from ssl3d_cli.inference.mc import sample_probabilities
+from ssl3d_cli.inference.votes import VoteAccumulator, vote_labels
+from ssl3d_cli.runtime.device import resolve_device, resolve_precision, set_threads
+mode, size, n, device_spec, widths = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], tuple(int(w) for w in sys.argv[5].split(","))
+device = resolve_device(device_spec); set_threads(0)
+precision = resolve_precision("auto", device)
+torch.manual_seed(0)
+model = UNet(ModelConfig(widths=widths, dropout_encoder=0.3), 3).to(device)
+x = torch.randn(1, 1, size, size, size, device=device)
+def sync():
+    if device.type == "cuda": torch.cuda.synchronize()
+def ours():
+    acc = VoteAccumulator(3)
+    sample_probabilities(model, x, mc_samples=n, autocast=precision.autocast, consume=acc.update, dropout_encoder=0.3)
+    return vote_labels(acc, "majority")
+@torch.no_grad()
+def naive():
+    model.train()
+    probs = []
+    for _ in range(max(n, 1)):
+        with precision.autocast():
+            probs.append(torch.softmax(model(x).float(), 1))
+    stack = torch.cat(probs)
+    votes = torch.nn.functional.one_hot(stack.argmax(1), 3).sum(0)
+    return votes.argmax(-1)
+fn = ours if mode == "ssl3d" else naive
+fn(); sync()
+if device.type == "cuda": torch.cuda.reset_peak_memory_stats()
+t0 = time.perf_counter(); fn(); sync(); dt = time.perf_counter() - t0
+gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+print(json.dumps({"mode": mode, "size": size, "samples": n, "seconds": round(dt, 3), "peak_rss_mib": rss,
+                  "peak_gpu_mib": None if gpu is None else round(gpu, 1), "device": str(device), "precision": precision.name}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--sizes", default="64,128")
+    ap.add_argument("--samples", default="1,10,100")
+    ap.add_argument("--widths", default="16,32,64,128,256")
+    ap.add_argument("--modes", default="ssl3d,naive")
+    args = ap.parse_args()
+    results = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        for n in [int(s) for s in args.samples.split(",")]:
+            for mode in args.modes.split(","):
+                res = run_child(CHILD, mode, str(size), str(n), args.device, args.widths)
+                res.pop("child_peak_rss_mib_at_least", None)
+                results.append(res)
+                print(json.dumps(res), flush=True)
+    print(json.dumps({"benchmark": "mc_dropout", "widths": args.widths, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
