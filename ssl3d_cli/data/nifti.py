@@ -153,6 +153,11 @@ def load_label(path: Path, *, shape: tuple[int, int, int], affine: np.ndarray, i
         raise InputDataError(
             f"{path}: label geometry (affine) differs from image {image_path.name}; resample the label onto the image grid"
         )
+    if np.issubdtype(img.get_data_dtype(), np.integer) and img.dataobj.slope in (1, None) and img.dataobj.inter in (0, None):
+        try:  # integer labels stored without scaling: read them as they are (no float copy, no rounding check)
+            return np.asarray(img.dataobj).reshape(lshape).astype(np.int32, copy=False)
+        except Exception as exc:
+            raise InputDataError(f"{path}: the voxel data cannot be read ({exc.__class__.__name__}: {exc}); the file is probably truncated") from None
     arr = _read_array(img, path, dtype=np.float32).reshape(lshape)
     check_finite(arr, path)
     rounded = np.rint(arr)

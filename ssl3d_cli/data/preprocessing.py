@@ -211,7 +211,10 @@ def resample_label(label: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
 
 def map_labels(label: np.ndarray, label_values: list[int], path: str) -> np.ndarray:
     """Original label values -> contiguous class indices (uint8); undeclared values are an error."""
-    present = np.unique(label)
+    if label.size and label.min() >= 0:  # counting is O(n); np.unique sorts (O(n log n)) and is ~10x slower here
+        present = np.flatnonzero(np.bincount(label.ravel()))
+    else:
+        present = np.unique(label)
     unknown = sorted(set(present.tolist()) - set(label_values))
     if unknown:
         raise InputDataError(f"{path}: label value(s) {unknown} are not declared (declared: {label_values}); fix the labels or dataset.json")

@@ -89,9 +89,16 @@ def _train(dataset: Path, run_dir: Path, *, method: str, fraction: float, seed: 
                             from_scratch=method == "scratch", workers=0 if s.size <= 32 else 2, model=ModelConfig(widths=s.widths),
                             learning_rate=3e-3 if s.size <= 32 else 1e-3, val_fraction=0.2 if s.size <= 32 else 0.1)
     resume = (run_dir / "last.pt").exists()
-    finetune(dataset, encoder=None if method == "scratch" else encoder, config=config, runtime=RuntimeConfig(**{**runtime.to_dict(), "seed": seed}),
+    result = finetune(dataset, encoder=None if method == "scratch" else encoder, config=config, runtime=RuntimeConfig(**{**runtime.to_dict(), "seed": seed}),
              preprocess_config=PreprocessConfig(size=(s.size,) * 3), output=run_dir, resume=resume, cache_root=cache_root)
-    return json.loads((run_dir / "test_metrics.json").read_text())
+    table = json.loads((run_dir / "test_metrics.json").read_text())
+    table["train_seconds"] = result["seconds"]
+    return table
+
+
+def _count_train(run_dir: Path) -> int:
+    roles = json.loads((run_dir / "split.json").read_text())["cases"]
+    return sum(1 for r in roles.values() if r == "train")
 
 
 def _mc_rows(model_path: Path, test_ids: list[str], cache_dir: Path, *, s: Settings, runtime: RuntimeConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
@@ -183,7 +190,8 @@ def experiment(
                     continue
                 table = _train(dataset, run_dir, method=method, fraction=fraction, seed=run_seed, s=s, runtime=runtime, encoder=enc,
                                cache_root=cache_root)
-                base = {"experiment": name, "method": method, "fraction": fraction, "seed": run_seed}
+                base = {"experiment": name, "method": method, "fraction": fraction, "seed": run_seed,
+                        "train_cases": _count_train(run_dir), "train_seconds": table.get("train_seconds")}
                 if name == "label-fractions":
                     rows = [{**base, "setting": "deterministic", **{k: v for k, v in table["mean"].items() if k.startswith("dice")}}]
                 else:

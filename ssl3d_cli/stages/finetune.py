@@ -35,29 +35,28 @@ from ssl3d_cli.runtime import progress
 from ssl3d_cli.runtime.device import (
     describe_device,
     is_out_of_memory,
-    resolve_device,
-    resolve_precision,
     seed_everything,
-    set_threads,
 )
-from ssl3d_cli.runtime.distributed import all_reduce_mean, any_rank, barrier, init_distributed
+from ssl3d_cli.runtime.distributed import all_reduce_mean, any_rank, barrier
 from ssl3d_cli.stages.evaluate import evaluate, to_csv_text
-from ssl3d_cli.stages.preprocess import ensure_cache
 from ssl3d_cli.training.loop import (
     EpochBatches,
     SignalGuard,
     StopRequested,
     append_metrics,
     attach_log_file,
+    checked_last_path,
     choose_run_dir,
     detach_log_file,
     latest_run,
     restore_train_state,
     save_train_state,
+    start_training,
     step_generator,
     truncate_metrics,
     unwrap,
     warmup_cosine,
+    wrap_ddp,
 )
 
 log = logging.getLogger("ssl3d")
@@ -231,15 +230,8 @@ def finetune(
     """
     runtime = (runtime or RuntimeConfig()).validate()
     config = (config or FinetuneConfig()).validate()
-    device = resolve_device(runtime.device)
-    dist = init_distributed(device)
-    set_threads(runtime.threads)
-    precision = resolve_precision(runtime.precision, device)
-    if dist.is_main:
-        cache = ensure_cache(dataset, config=preprocess_config, cache_root=cache_root)
-    barrier()
-    if not dist.is_main:
-        cache = ensure_cache(dataset, config=preprocess_config, cache_root=cache_root)
+    ctx = start_training(dataset, runtime=runtime, preprocess_config=preprocess_config, cache_root=cache_root)
+    device, dist, precision, cache = ctx.device, ctx.dist, ctx.precision, ctx.cache
     if not cache.labelled_ids:
         raise InputDataError(f"{cache.root}: no labelled cases; fine-tuning needs labels (labelsTr, _seg files or labels/)")
     config = replace(config, model=replace(config.model, in_channels=cache.num_channels))
@@ -270,11 +262,7 @@ def finetune(
     full_config = {"finetune": config.to_dict(), "runtime": runtime.to_dict(), "preprocess": cache.manifest["settings"],
                    "cache": str(cache.root), "encoder": str(encoder_path) if encoder_path else None, "world_size": dist.world_size,
                    "split": {k: sorted(v) for k, v in split.items()}}
-    last_path = run_dir / "last.pt"
-    if resume and not last_path.exists():
-        raise ConfigError(f"--resume: {last_path} not found; start without --resume or give the run folder with -o")
-    if not resume and last_path.exists():
-        raise ConfigError(f"{run_dir}: already holds a run (last.pt); add --resume to continue it or choose another -o")
+    last_path = checked_last_path(run_dir, resume=resume)
 
     freeze_epochs = config.freeze_epochs if encoder_path else 0  # a random encoder is not frozen (the baseline)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -292,13 +280,8 @@ def finetune(
         if dist.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
 
-    def wrap(net: torch.nn.Module) -> torch.nn.Module:
-        if not dist.enabled:
-            return net
-        return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-
     set_encoder_trainable(unwrap(model), start_epoch >= freeze_epochs)
-    model = wrap(model)
+    model = wrap_ddp(model, device)
     handler = attach_log_file(run_dir, "finetune") if dist.is_main else None
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -325,7 +308,7 @@ def finetune(
             for epoch in range(start_epoch, config.epochs):
                 if epoch == freeze_epochs and freeze_epochs > 0 and start_step == 0:
                     set_encoder_trainable(unwrap(model), True)
-                    model = wrap(unwrap(model))
+                    model = wrap_ddp(unwrap(model), device)  # DDP must see the newly trainable parameters
                     log.info("Epoch %d: encoder unfrozen", epoch + 1)
                 batches.set_epoch(epoch, start_step)
                 t_epoch = time.perf_counter()

@@ -28,27 +28,26 @@ from ssl3d_cli.runtime import progress
 from ssl3d_cli.runtime.device import (
     describe_device,
     is_out_of_memory,
-    resolve_device,
-    resolve_precision,
     seed_everything,
-    set_threads,
 )
-from ssl3d_cli.runtime.distributed import DistInfo, all_gather_with_grad, all_reduce_mean, any_rank, barrier, init_distributed
-from ssl3d_cli.stages.preprocess import ensure_cache
+from ssl3d_cli.runtime.distributed import DistInfo, all_gather_with_grad, all_reduce_mean, any_rank
 from ssl3d_cli.training.loop import (
     EpochBatches,
     SignalGuard,
     StopRequested,
     append_metrics,
     attach_log_file,
+    checked_last_path,
     choose_run_dir,
     detach_log_file,
     restore_train_state,
     save_train_state,
+    start_training,
     step_generator,
     truncate_metrics,
     unwrap,
     warmup_cosine,
+    wrap_ddp,
 )
 
 log = logging.getLogger("ssl3d")
@@ -140,15 +139,8 @@ def pretrain(
     """
     runtime = (runtime or RuntimeConfig()).validate()
     preprocess_config = (preprocess_config or PreprocessConfig()).validate()
-    device = resolve_device(runtime.device)
-    dist = init_distributed(device)
-    set_threads(runtime.threads)
-    precision = resolve_precision(runtime.precision, device)
-    if dist.is_main:
-        cache = ensure_cache(dataset, config=preprocess_config, cache_root=cache_root)
-    barrier()
-    if not dist.is_main:
-        cache = ensure_cache(dataset, config=preprocess_config, cache_root=cache_root)
+    ctx = start_training(dataset, runtime=runtime, preprocess_config=preprocess_config, cache_root=cache_root)
+    device, dist, precision, cache = ctx.device, ctx.dist, ctx.precision, ctx.cache
     config = config or PretrainConfig()
     config = replace(config, model=replace(config.model, in_channels=cache.num_channels)).validate(cache.size)
     if len(cache.case_ids) < 2:
@@ -161,15 +153,10 @@ def pretrain(
     run_dir = choose_run_dir("pretrain", dataset_name, output=output, resume=resume)
     full_config = {"pretrain": config.to_dict(), "runtime": runtime.to_dict(), "preprocess": cache.manifest["settings"],
                    "cache": str(cache.root), "world_size": dist.world_size}
-    last_path = run_dir / "last.pt"
-    if resume and not last_path.exists():
-        raise ConfigError(f"--resume: {last_path} not found; start without --resume or give the run folder with -o")
-    if not resume and last_path.exists():
-        raise ConfigError(f"{run_dir}: already holds a run (last.pt); add --resume to continue it or choose another -o")
+    last_path = checked_last_path(run_dir, resume=resume)
 
     model = SimCLRModel(config.model).to(device)
-    if dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_ddp(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     batches = EpochBatches(len(cache.case_ids), config.batch_size, seed=runtime.seed, world=dist.world_size, rank=dist.rank,
                            steps=config.steps_per_epoch)

@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +246,53 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
     from ssl3d_cli.data.cache import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(f"{ln}\n" for ln in kept).encode())
+
+
+@dataclass
+class TrainingContext:
+    """Where and how a training stage runs: device, process group, precision and the dataset's cache."""
+
+    device: torch.device
+    dist: Any  # runtime.distributed.DistInfo
+    precision: Any  # runtime.device.Precision
+    cache: Any  # data.cache.Cache
+
+
+def start_training(dataset: Path | str, *, runtime: Any, preprocess_config: Any, cache_root: Path | None) -> TrainingContext:
+    """Resolve the device, join the process group, set threads and precision, and get the cache.
+
+    Rank 0 preprocesses on demand while the other ranks wait, then every rank opens the cache.
+    """
+    from ssl3d_cli.runtime.device import resolve_device, resolve_precision, set_threads
+    from ssl3d_cli.runtime.distributed import barrier, init_distributed
+    from ssl3d_cli.stages.preprocess import ensure_cache
+
+    device = resolve_device(runtime.device)
+    dist = init_distributed(device)
+    set_threads(runtime.threads)
+    precision = resolve_precision(runtime.precision, device)
+    if dist.is_main:
+        cache = ensure_cache(dataset, config=preprocess_config, cache_root=cache_root)
+    barrier()
+    if not dist.is_main:
+        cache = ensure_cache(dataset, config=preprocess_config, cache_root=cache_root)
+    return TrainingContext(device, dist, precision, cache)
+
+
+def checked_last_path(run_dir: Path, *, resume: bool) -> Path:
+    """``run_dir/last.pt``, refusing --resume without it and a fresh start over it."""
+    last_path = run_dir / "last.pt"
+    if resume and not last_path.exists():
+        raise ConfigError(f"--resume: {last_path} not found; start without --resume or give the run folder with -o")
+    if not resume and last_path.exists():
+        raise ConfigError(f"{run_dir}: already holds a run (last.pt); add --resume to continue it or choose another -o")
+    return last_path
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel under torch.distributed, the bare model otherwise."""
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
