@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+# ../shared/data/real next to the checkout (read-only), or wherever $SSL3D_REAL_DATA points
+REAL_DATA = Path(os.environ.get("SSL3D_REAL_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real")
 
 
 def save_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
