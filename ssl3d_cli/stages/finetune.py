@@ -26,7 +26,7 @@ from ssl3d_cli.data.cache import Cache, atomic_write_bytes, atomic_write_json
 from ssl3d_cli.data.datasets import CaseSpec
 from ssl3d_cli.data.nifti import write_like
 from ssl3d_cli.data.preprocessing import unmap_labels
-from ssl3d_cli.errors import CheckpointError, ConfigError, DeviceError, InputDataError
+from ssl3d_cli.errors import CheckpointError, ConfigError, InputDataError
 from ssl3d_cli.inference.pipeline import accumulate, labels_on_scan, load_segmenter, prepare_case
 from ssl3d_cli.losses.dice import dice_ce_loss, soft_dice_loss
 from ssl3d_cli.metrics import dice_per_class_indices
@@ -34,7 +34,6 @@ from ssl3d_cli.models.unet import UNet
 from ssl3d_cli.runtime import progress
 from ssl3d_cli.runtime.device import (
     describe_device,
-    is_out_of_memory,
     seed_everything,
 )
 from ssl3d_cli.runtime.distributed import all_reduce_mean, any_rank, barrier
@@ -49,6 +48,7 @@ from ssl3d_cli.training.loop import (
     choose_run_dir,
     detach_log_file,
     latest_run,
+    optimisation_step,
     restore_train_state,
     save_train_state,
     start_training,
@@ -318,19 +318,14 @@ def finetune(
                     label = label.to(device, non_blocking=True).long()
                     if config.augment:
                         image, label = augment_pair(image, label, step_generator(device, runtime.seed, epoch, step, dist.rank))
-                    try:
+
+                    def compute(image: torch.Tensor = image, label: torch.Tensor = label, model: torch.nn.Module = model) -> torch.Tensor:
                         with precision.autocast():
                             logits = model(image)
-                        loss = loss_fn(logits, label, weights=weights, smooth=config.dice_smooth, include_background=config.include_background)
-                        optimizer.zero_grad(set_to_none=True)
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                    except RuntimeError as exc:
-                        if is_out_of_memory(exc):
-                            raise DeviceError(f"out of memory on {device}; lower --batch-size (now {config.batch_size}) or --size") from None
-                        raise
-                    scheduler.step()
+                        return loss_fn(logits, label, weights=weights, smooth=config.dice_smooth, include_background=config.include_background)
+
+                    loss = optimisation_step(compute, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                             oom_hint=f"lower --batch-size (now {config.batch_size}) or --size on {device}")
                     extra["accum"]["loss"] += float(all_reduce_mean(loss.detach()))
                     extra["accum"]["n"] += 1
                     if any_rank(guard.requested is not None, device):

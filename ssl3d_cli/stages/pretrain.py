@@ -21,13 +21,12 @@ from ssl3d_cli import checkpoints
 from ssl3d_cli.augment.simclr import augment_view, split_into_patches
 from ssl3d_cli.config import PreprocessConfig, PretrainConfig, RuntimeConfig
 from ssl3d_cli.data.cache import Cache, atomic_write_json
-from ssl3d_cli.errors import ConfigError, DeviceError, InputDataError
+from ssl3d_cli.errors import ConfigError, InputDataError
 from ssl3d_cli.losses.ntxent import nt_xent
 from ssl3d_cli.models.unet import SimCLRModel
 from ssl3d_cli.runtime import progress
 from ssl3d_cli.runtime.device import (
     describe_device,
-    is_out_of_memory,
     seed_everything,
 )
 from ssl3d_cli.runtime.distributed import DistInfo, all_gather_with_grad, all_reduce_mean, any_rank
@@ -40,6 +39,7 @@ from ssl3d_cli.training.loop import (
     checked_last_path,
     choose_run_dir,
     detach_log_file,
+    optimisation_step,
     restore_train_state,
     save_train_state,
     start_training,
@@ -205,19 +205,11 @@ def pretrain(
                     step = start_step + step_offset
                     volumes = volumes.to(device, non_blocking=True)
                     gen = step_generator(device, runtime.seed, epoch, step, dist.rank)
-                    try:
-                        loss, acc = simclr_step_loss(model, volumes, config=config, gen=gen, precision=precision, dist=dist)
-                        optimizer.zero_grad(set_to_none=True)
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                    except RuntimeError as exc:
-                        if is_out_of_memory(exc):
-                            raise DeviceError(
-                                f"out of memory on {device} with {patches_per_step} patches per step; lower --batch-size "
-                                f"(now {config.batch_size}), raise --patches-per-side or lower --size/--widths") from None
-                        raise
-                    scheduler.step()
+                    loss, acc = optimisation_step(
+                        lambda volumes=volumes, gen=gen: simclr_step_loss(model, volumes, config=config, gen=gen, precision=precision, dist=dist),
+                        optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        oom_hint=f"{patches_per_step} patches per step on {device}: lower --batch-size (now {config.batch_size}), "
+                                 "raise --patches-per-side or lower --size/--widths")
                     accum["loss"] += float(all_reduce_mean(loss.detach()))
                     accum["acc"] += float(all_reduce_mean(acc.detach()))
                     accum["n"] += 1

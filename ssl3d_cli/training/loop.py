@@ -296,3 +296,27 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
         return model
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def optimisation_step(compute: Any, *, optimizer: Any, scheduler: Any, scaler: Any, oom_hint: str) -> Any:
+    """One update: ``compute()`` returns (loss, ...); backward through the scaler, step, schedule.
+
+    An out-of-memory error becomes a DeviceError carrying ``oom_hint`` (which option to lower).
+    Returns what ``compute`` returned.
+    """
+    from ssl3d_cli.errors import DeviceError
+    from ssl3d_cli.runtime.device import is_out_of_memory
+
+    try:
+        out = compute()
+        loss = out[0] if isinstance(out, tuple) else out
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    except RuntimeError as exc:
+        if is_out_of_memory(exc):
+            raise DeviceError(f"out of memory; {oom_hint}") from None
+        raise
+    scheduler.step()
+    return out
