@@ -38,8 +38,9 @@ def _available_bytes(device: torch.device) -> int:
 
 def auto_mc_batch(model: UNet, spatial: tuple[int, int, int], device: torch.device, n_samples: int, bytes_per_value: int = 4) -> int:
     """Samples per batch: on a GPU from free memory (a rough activation estimate per sample, half of what is
-    free, at most 32); on a CPU 2, since larger batches bring no speed there (measured: 64^3, N = 10, batch
-    1/2/4/10: 8.2/6.8/7.2/7.4 s) but cost memory.
+    free, at most 16: on an H100 at 128^3, N = 96, batches of 8/16/32 took 0.74/0.69/0.69 s and 4.6/9.0/17.7
+    GiB); on a CPU 2, since larger batches bring no speed there (64^3, N = 10, batch 1/2/4/10:
+    8.2/6.8/7.2/7.4 s) but cost memory.
     """
     if device.type != "cuda":
         return max(1, min(n_samples, 2))
@@ -48,7 +49,7 @@ def auto_mc_batch(model: UNet, spatial: tuple[int, int, int], device: torch.devi
     for level, width in enumerate(model.config.widths):
         per_sample += 6 * width * voxels // (8**level)  # encoder + decoder activations and concatenations
     per_sample = per_sample * bytes_per_value + model.num_classes * voxels * 4 * 3
-    return int(max(1, min(n_samples, (_available_bytes(device) // 2) // max(per_sample, 1), 32)))
+    return int(max(1, min(n_samples, (_available_bytes(device) // 2) // max(per_sample, 1), 16)))
 
 
 @torch.no_grad()
