@@ -21,9 +21,3 @@ class CheckpointError(Ssl3dError):
 
 class DeviceError(Ssl3dError):
     """The requested device is unavailable or ran out of memory."""
-
-
-class NotImplementedYetError(Ssl3dError):
-    """A subcommand that a later release builds."""
-
-    exit_code = 3

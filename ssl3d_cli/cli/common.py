@@ -105,3 +105,8 @@ def run_stage(body: Callable[[], dict[str, Any]], *, as_json: bool, quiet: bool 
         fail(f"unexpected {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback and report it)", 1)
     else:
         emit(result, as_json=as_json, human=human)
+    finally:
+        if "torch.distributed" in sys.modules:  # only when a stage imported it (never for --help)
+            from ssl3d_cli.runtime.distributed import shutdown_distributed
+
+            shutdown_distributed()

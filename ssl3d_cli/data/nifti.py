@@ -78,12 +78,6 @@ def _read_array(img: nib.Nifti1Image, path: Path, dtype: type = np.float32) -> n
         raise InputDataError(f"{path}: the voxel data cannot be read ({exc.__class__.__name__}: {exc}); the file is probably truncated, re-download it") from None
 
 
-def read_header_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and affine from the header only (cheap; no voxel data read)."""
-    img = _load_image(path)
-    return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
-
-
 def check_finite(array: np.ndarray, path: Path) -> None:
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())

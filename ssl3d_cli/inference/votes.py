@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-RULES = ("majority", "weighted", "weighted-probs", "borda", "union", "mean")
-
 
 @dataclass
 class VoteAccumulator:

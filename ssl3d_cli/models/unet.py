@@ -110,11 +110,6 @@ class UNet(nn.Module):
                 if rate is not None:
                     m.p = float(rate)
 
-    @property
-    def min_input_size(self) -> int:
-        """Inputs must be divisible by this along each axis (and at least 2x it for a 2^3 bottleneck)."""
-        return 2 ** (len(self.config.widths) - 1)
-
 
 class ProjectionHead(nn.Module):
     """SimCLR head: global average pooling -> Dense -> ReLU -> Dense. (B, w, d, h, w) -> (B, dim)."""

@@ -24,14 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from ssl3d_cli.config import FinetuneConfig, MCConfig, ModelConfig, PreprocessConfig, PretrainConfig, RuntimeConfig
+from ssl3d_cli.config import VOTE_RULES, FinetuneConfig, MCConfig, ModelConfig, PreprocessConfig, PretrainConfig, RuntimeConfig
 from ssl3d_cli.data.cache import atomic_write_bytes, atomic_write_json
 from ssl3d_cli.errors import ConfigError
 from ssl3d_cli.runtime import progress
 
 log = logging.getLogger("ssl3d")
 EXPERIMENTS = ("label-fractions", "mc-dropout")
-VOTE_RULES = ("majority", "weighted", "weighted-probs", "borda", "union", "mean")
 
 
 @dataclass(frozen=True)

@@ -245,7 +245,3 @@ def pretrain(
         "precision": precision.name,
     }
 
-
-def load_encoder(path: Path | str) -> dict[str, Any]:
-    """Load and check an ``encoder.pt``."""
-    return checkpoints.load_checkpoint(path, fmt=checkpoints.ENCODER)
