@@ -198,3 +198,26 @@ def test_cli_two_epochs_loss_goes_down_and_device_errors(ct_dataset, tmp_path):
     if not torch.cuda.is_available():
         r = runner.invoke(app, ["pretrain", str(ct_dataset), "--device", "cuda", "--size", "16"])
         assert r.exit_code != 0 and "no CUDA GPU" in r.output and "Traceback" not in r.output
+
+
+def test_torchrun_two_cpu_processes_pretrain_resume_and_finetune(ct_cache, tmp_path):
+    """The real multi-process path: torchrun, gloo, DDP, rank-0 writes, resume, freeze/unfreeze re-wrap."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "ssl3d_cli"]
+    common = ["--size", "16", "--widths", "4,8", "--workers", "0", "--device", "cpu", "--threads", "1", "--json"]
+    pre = base + ["pretrain", str(ct_cache), "--patches-per-side", "1", "--batch-size", "2", "--checkpoint-every", "1", "-o", str(tmp_path / "pre")]
+    r = subprocess.run(pre + common + ["--epochs", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["patches_per_step"] == 4  # 2 scans x 1 patch x 2 ranks
+    r = subprocess.run(pre + common + ["--epochs", "2", "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.loads(ln)["epoch"] for ln in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    ft = base + ["finetune", str(ct_cache), "--encoder", str(tmp_path / "pre" / "encoder.pt"), "--epochs", "2", "--freeze-epochs", "1",
+                 "--batch-size", "1", "-o", str(tmp_path / "ft")]
+    r = subprocess.run(ft + common, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "ft" / "model.pt").exists() and (tmp_path / "ft" / "test_metrics.json").exists()
+    assert [json.loads(ln)["encoder_frozen"] for ln in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()] == [True, False]
