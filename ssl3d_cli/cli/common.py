@@ -67,6 +67,13 @@ def emit(result: dict[str, Any], *, as_json: bool, human: Callable[[dict[str, An
     sys.stdout.flush()
 
 
+def stdout_console():  # -> rich.console.Console
+    """A console for result tables: the terminal's width, or 200 columns in files and pipes (rich would use 80)."""
+    from rich.console import Console
+
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+
 def fail(message: str, code: int = 2) -> None:
     """One red line on stderr and a non-zero exit."""
     if sys.stderr.isatty():

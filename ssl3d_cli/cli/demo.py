@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ssl3d_cli.cli.common import DebugOpt, DeviceOpt, JsonOpt, NoProgressOpt, QuietOpt, SeedOpt, ThreadsOpt, VerboseOpt, run_stage
+from ssl3d_cli.cli.common import DebugOpt, DeviceOpt, JsonOpt, NoProgressOpt, QuietOpt, SeedOpt, ThreadsOpt, VerboseOpt, run_stage, stdout_console
 
 NAME = "demo"
 HELP = ("Run the whole chain on built-in synthetic CT-like data: preprocess, SimCLR pretraining, fine-tuning from the encoder and "
@@ -36,7 +36,6 @@ def command(
         return demo(output, preset=preset, device=device, seed=seed, threads=threads)
 
     def human(r: dict) -> None:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"Test Dice, {r['test_cases']} test cases, fine-tuned on {r['train_cases']} labelled cases "
@@ -46,8 +45,7 @@ def command(
             table.add_column(col.replace("dice_", "Dice ").replace("mean_fg", "mean"), justify="right" if col.startswith("dice") else "left")
         for row in r["table"]:
             table.add_row(row["init"], row["inference"], *[f"{row[k]:.3f}" for k in keys])
-        console = Console(soft_wrap=True)
-        console.print(table)
+        stdout_console().print(table)
         typer.echo(f"Finished in {r['seconds']:.0f}s. Everything is in {r['output']}:")
         typer.echo(f"  dataset      {r['dataset']}")
         typer.echo(f"  encoder      {r['encoder']}")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ssl3d_cli.cli.common import DebugOpt, JsonOpt, NoProgressOpt, QuietOpt, VerboseOpt, run_stage
+from ssl3d_cli.cli.common import DebugOpt, JsonOpt, NoProgressOpt, QuietOpt, VerboseOpt, run_stage, stdout_console
 
 NAME = "evaluate"
 HELP = ("Dice per class, foreground mean, BraTS regions WT/TC/ET and HD95 (mm) of predictions against labels, "
@@ -17,7 +17,6 @@ EPILOG = "Examples: ssl3d evaluate preds/ ./Task07_Pancreas  |  ssl3d evaluate p
 
 def print_table(result: dict[str, Any], *, cases: bool = True) -> None:
     """Dice/HD95 table on stdout (rich)."""
-    from rich.console import Console
     from rich.table import Table
 
     names = [n for n in result["class_names"][1:]] + list(result.get("regions") or {})
@@ -37,7 +36,7 @@ def print_table(result: dict[str, Any], *, cases: bool = True) -> None:
         for r in result.get("cases", []):
             table.add_row(*row(r["case"], r))
     table.add_row(*row("mean", result["mean"]), style="bold")
-    Console(soft_wrap=True).print(table)
+    stdout_console().print(table)
 
 
 def command(

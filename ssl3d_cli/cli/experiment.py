@@ -18,6 +18,7 @@ from ssl3d_cli.cli.common import (
     ThreadsOpt,
     VerboseOpt,
     run_stage,
+    stdout_console,
 )
 
 NAME = "experiment"
@@ -60,7 +61,6 @@ def command(
         if "summary" not in r:
             typer.echo(f"Shard {r['shard']} done ({r['runs']} runs). When all shards are done: {r['next']}")
             return
-        from rich.console import Console
         from rich.table import Table
 
         mc = name == "mc-dropout"
@@ -70,7 +70,7 @@ def command(
         for s in r["summary"]:
             extra = (s["setting"], f"{s['dropout_encoder']:g}/{s['dropout_decoder']:g}", s["vote"]) if mc else ()
             table.add_row(s["method"], f"{s['fraction']:g}", *extra, f"{s['dice_mean_fg']:.3f} ({s['dice_std']:.3f})", str(s["n"]))
-        Console(soft_wrap=True).print(table)
+        stdout_console().print(table)
         typer.echo(f"results: {r['results']}")
         for p in r["plots"]:
             typer.echo(f"plot: {p}")
