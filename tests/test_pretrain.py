@@ -221,3 +221,16 @@ def test_torchrun_two_cpu_processes_pretrain_resume_and_finetune(ct_cache, tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "ft" / "model.pt").exists() and (tmp_path / "ft" / "test_metrics.json").exists()
     assert [json.loads(ln)["encoder_frozen"] for ln in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()] == [True, False]
+
+
+def test_out_of_memory_names_the_option_to_lower():
+    from ssl3d_cli.errors import DeviceError
+    from ssl3d_cli.training.loop import optimisation_step
+
+    def compute():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(DeviceError, match="out of memory; lower --batch-size \\(now 4\\)"):
+        optimisation_step(compute, optimizer=None, scheduler=None, scaler=None, oom_hint="lower --batch-size (now 4)")
+    with pytest.raises(RuntimeError, match="other"):
+        optimisation_step(lambda: (_ for _ in ()).throw(RuntimeError("other")), optimizer=None, scheduler=None, scaler=None, oom_hint="x")
