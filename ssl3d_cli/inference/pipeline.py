@@ -109,6 +109,7 @@ def prepare_case(seg: Segmenter, case: CaseSpec) -> tuple[torch.Tensor, CaseGeom
                                  f"({', '.join(seg.channel_names)})")
         scan = load_scan(case.image_paths)
     pre = preprocess_arrays(scan.data, scan.affine, modality=seg.payload["modality"], config=seg.preprocess_config)
+    # round through the cache dtype (float16 by default) so the network sees exactly what it was trained on
     image = torch.from_numpy(pre.image.astype(seg.preprocess_config.dtype).astype(np.float32))[None].to(seg.device)
     return image, pre.geometry
 
@@ -134,16 +135,41 @@ def background_fill(num_classes: int) -> list[float]:
     return [1.0] + [0.0] * (num_classes - 1)
 
 
+class ScanVotes:
+    """One scan's vote sums mapped onto its grid; the mean probabilities are resampled once, whatever
+    the number of rules asked for (the experiment asks for six).
+    """
+
+    def __init__(self, acc: VoteAccumulator, geometry: CaseGeometry) -> None:
+        self.acc, self.geometry = acc, geometry
+        self._fill = background_fill(acc.num_classes)
+        self._mean: torch.Tensor | None = None
+
+    def _restore(self, scores: torch.Tensor, background: list[float] | float) -> torch.Tensor:
+        return torch.from_numpy(restore_scores(scores.cpu(), self.geometry, background=background))
+
+    def mean_prob(self) -> torch.Tensor:
+        """(C, X, Y, Z) mean class probabilities on the scan's grid."""
+        if self._mean is None:
+            self._mean = self._restore(self.acc.mean_prob(), self._fill)
+        return self._mean
+
+    def labels(self, rule: str, union_classes: list[int] | None = None) -> np.ndarray:
+        """The rule's labels (class indices) on the scan's grid (X, Y, Z).
+
+        A single (deterministic) pass is the plain arg-max whatever the rule: there is nothing to vote on.
+        """
+        if self.acc.n <= 1 or rule == "mean":
+            return decide(self.mean_prob(), self.mean_prob()).numpy()
+        labels = decide(self._restore(self.acc.scores(rule), self._fill), self.mean_prob())
+        if rule == "union" and union_classes:
+            labels = apply_union(labels, self._restore((self.acc.votes > 0).float(), 0.0) >= 0.5, union_classes)
+        return labels.numpy()
+
+
 def labels_on_scan(acc: VoteAccumulator, geometry: CaseGeometry, *, rule: str, union_classes: list[int] | None = None) -> np.ndarray:
-    """The rule's labels (class indices) on the scan's grid (X, Y, Z)."""
-    fill = background_fill(acc.num_classes)
-    scores = torch.from_numpy(restore_scores(acc.scores(rule).cpu(), geometry, background=fill))
-    mean = torch.from_numpy(restore_scores(acc.mean_prob().cpu(), geometry, background=fill))
-    labels = decide(scores, mean)
-    if rule == "union" and union_classes:
-        any_vote = torch.from_numpy(restore_scores((acc.votes > 0).float().cpu(), geometry, background=0.0)) >= 0.5
-        labels = apply_union(labels, any_vote, union_classes)
-    return labels.numpy()
+    """The rule's labels (class indices) on the scan's grid (X, Y, Z); see :class:`ScanVotes`."""
+    return ScanVotes(acc, geometry).labels(rule, union_classes)
 
 
 def validate_vote_options(seg: Segmenter, mc: MCConfig) -> list[int]:

@@ -107,7 +107,7 @@ def _mc_rows(model_path: Path, test_ids: list[str], cache_dir: Path, *, s: Setti
     from ssl3d_cli.data.cache import Cache
     from ssl3d_cli.data.datasets import CaseSpec
     from ssl3d_cli.data.preprocessing import unmap_labels
-    from ssl3d_cli.inference.pipeline import accumulate, labels_on_scan, load_segmenter, prepare_case
+    from ssl3d_cli.inference.pipeline import ScanVotes, accumulate, load_segmenter, prepare_case
     from ssl3d_cli.metrics import dice
     from ssl3d_cli.runtime.device import resolve_device, resolve_precision
 
@@ -126,10 +126,10 @@ def _mc_rows(model_path: Path, test_ids: list[str], cache_dir: Path, *, s: Setti
         for group, enc, dec, rules in settings:
             mc = MCConfig(mc_samples=0 if group == "deterministic" else s.mc_samples, dropout_encoder=enc, dropout_decoder=dec,
                           vote_weights=weights, seed=base["seed"])
-            acc = accumulate(seg, image, mc)
+            votes = ScanVotes(accumulate(seg, image, mc), geometry)
             for rule in rules:
                 union = [seg.num_classes - 1] if rule == "union" else []  # the smallest structure (tumour / lesion)
-                labels = unmap_labels(labels_on_scan(acc, geometry, rule=rule if mc.stochastic else "mean", union_classes=union), seg.label_values)
+                labels = unmap_labels(votes.labels(rule, union), seg.label_values)
                 per.setdefault((group, enc, dec, rule), []).append([dice(labels == v, truth == v) for v in seg.label_values[1:]])
     rows = []
     for (group, enc, dec, rule), scores in per.items():

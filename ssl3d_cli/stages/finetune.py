@@ -145,20 +145,25 @@ def set_encoder_trainable(model: UNet, trainable: bool) -> None:
         p.requires_grad_(trainable)
 
 
+def load_validation_cases(cache: Cache, case_ids: list[str]) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """Validation images (1, C, D, H, W) in the cache dtype and labels (D, H, W), read once per run, not per epoch."""
+    return [(torch.from_numpy(np.array(cache.image(cid)))[None], cache.label(cid)) for cid in case_ids]
+
+
 @torch.no_grad()
-def validation_dice(model: torch.nn.Module, cache: Cache, case_ids: list[str], device: torch.device, precision: Any) -> tuple[float, list[float]]:
+def validation_dice(model: torch.nn.Module, cases: list[tuple[torch.Tensor, np.ndarray]], num_classes: int, device: torch.device,
+                    precision: Any) -> tuple[float, list[float]]:
     """Mean foreground Dice (and per class) of the deterministic model on the cache grid."""
     net = unwrap(model)
     was_training = net.training
     net.eval()
     per_case = []
-    for cid in case_ids:
-        image = torch.from_numpy(np.array(cache.image(cid))).float()[None].to(device)
+    for image, label in cases:
         with precision.autocast():
-            pred = net(image).argmax(1)[0].cpu().numpy()
-        per_case.append(dice_per_class_indices(pred, cache.label(cid), cache.num_classes))
+            pred = net(image.to(device).float()).argmax(1)[0].cpu().numpy()
+        per_case.append(dice_per_class_indices(pred, label, num_classes))
     net.train(was_training)
-    per_class = np.mean(per_case, axis=0).tolist() if per_case else [0.0] * cache.num_classes
+    per_class = np.mean(per_case, axis=0).tolist() if per_case else [0.0] * num_classes
     fg = float(np.mean(per_class[1:])) if len(per_class) > 1 else float(per_class[0])
     return fg, per_class
 
@@ -292,6 +297,7 @@ def finetune(
              dataset_name, len(split["train"]), config.label_fraction, len(split["val"]), len(split["test"]),
              f"encoder frozen for {freeze_epochs} epoch(s)" if encoder_path else "from scratch (baseline)", run_dir)
     val_ids = split["val"] or split["train"]
+    val_cases = load_validation_cases(cache, val_ids) if dist.is_main else []
     if not split["val"]:
         log.warning("no validation cases (too few labelled cases): the best checkpoint is chosen on the training cases")
     weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device) if config.class_weights else None
@@ -339,7 +345,7 @@ def finetune(
                 extra["accum"] = {"loss": 0.0, "n": 0}
                 is_last = epoch + 1 == config.epochs
                 if dist.is_main and ((epoch + 1) % config.validate_every == 0 or is_last):
-                    val, per_class = validation_dice(model, cache, val_ids, device, precision)
+                    val, per_class = validation_dice(model, val_cases, cache.num_classes, device, precision)
                     metrics.update(val_dice=val, val_dice_per_class=per_class)
                     if val > extra["best"]:
                         extra["best"], extra["best_epoch"] = val, epoch + 1

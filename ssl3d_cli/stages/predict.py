@@ -13,13 +13,12 @@ from ssl3d_cli.config import MCConfig, RuntimeConfig
 from ssl3d_cli.data.cache import atomic_write_json
 from ssl3d_cli.data.datasets import CaseSpec, discover_dataset, discover_inputs
 from ssl3d_cli.data.nifti import write_like
-from ssl3d_cli.data.preprocessing import restore_scores, unmap_labels
+from ssl3d_cli.data.preprocessing import unmap_labels
 from ssl3d_cli.errors import ConfigError, InputDataError
 from ssl3d_cli.inference.pipeline import (
+    ScanVotes,
     Segmenter,
     accumulate,
-    background_fill,
-    labels_on_scan,
     load_segmenter,
     prepare_case,
     validate_vote_options,
@@ -70,13 +69,14 @@ def predict_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, 
     t0 = time.perf_counter()
     image, geometry = prepare_case(seg, case)
     acc = accumulate(seg, image, mc)
-    labels = labels_on_scan(acc, geometry, rule=mc.vote if mc.stochastic else "mean", union_classes=union_classes)
+    votes = ScanVotes(acc, geometry)
+    labels = votes.labels(mc.vote, union_classes)
     out = write_like(unmap_labels(labels, seg.label_values), case.image_paths[0], out_dir / f"{case.case_id}.nii.gz")
     record: dict[str, Any] = {"case": case.case_id, "segmentation": str(out), "seconds": round(time.perf_counter() - t0, 3)}
     if save_probabilities:
         import numpy as np
 
-        probs = restore_scores(acc.mean_prob().cpu(), geometry, background=background_fill(seg.num_classes))
+        probs = votes.mean_prob().numpy()
         path = write_like(np.moveaxis(probs, 0, -1).astype(np.float32), case.image_paths[0], out_dir / f"{case.case_id}_probabilities.nii.gz")
         record["probabilities"] = str(path)
     return record
