@@ -21,3 +21,12 @@ class CheckpointError(Ssl3dError):
 
 class DeviceError(Ssl3dError):
     """The requested device is unavailable or ran out of memory."""
+
+
+class StopRequested(Ssl3dError):
+    """SIGTERM/SIGUSR1 arrived (SLURM's warning before the time limit); the training state was saved.
+
+    Exit 75 (EX_TEMPFAIL): rerunning with ``--resume`` continues where it stopped.
+    """
+
+    exit_code = 75

@@ -10,10 +10,11 @@ from typer.testing import CliRunner
 
 from ssl3d_cli.cli.app import app
 from ssl3d_cli.config import FinetuneConfig, ModelConfig, PretrainConfig, RuntimeConfig
+from ssl3d_cli.data.splits import make_split
 from ssl3d_cli.errors import CheckpointError, ConfigError, InputDataError
 from ssl3d_cli.metrics import case_metrics, dice, hd95
 from ssl3d_cli.stages.evaluate import evaluate
-from ssl3d_cli.stages.finetune import finetune, make_split
+from ssl3d_cli.stages.finetune import finetune
 from tests.conftest import save_nifti
 
 runner = CliRunner()
@@ -91,7 +92,7 @@ def test_tiny_run_learns_and_writes_everything(ct_dataset, tmp_path):
         assert p.shape == ref.shape and np.array_equal(p.affine, ref.affine)
         assert set(np.unique(np.asarray(p.dataobj))) <= {0, 1, 2}
     model = torch.load(run / "model.pt", weights_only=True)
-    assert model["format"] == "ssl3d-segmenter" and model["label_values"] == [0, 1, 2]
+    assert model["format"] == "ssl3d-segmenter" and model["dataset"]["label_values"] == [0, 1, 2]  # schema 2: one dataset record
 
 
 def test_bad_inputs(ct_cache, ct_dataset, encoder_path, tmp_path):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ssl3d_cli import checkpoints
 from ssl3d_cli.cli.app import app
 from ssl3d_cli.config import ModelConfig, PreprocessConfig, PretrainConfig, RuntimeConfig
-from ssl3d_cli.errors import CheckpointError, ConfigError, InputDataError
+from ssl3d_cli.errors import CheckpointError, ConfigError, InputDataError, StopRequested
 from ssl3d_cli.losses.ntxent import nt_xent
 from ssl3d_cli.models.unet import SimCLRModel
 from ssl3d_cli.runtime.distributed import all_gather_with_grad
@@ -93,23 +93,25 @@ def _weights(run_dir):
 
 
 def test_resume_after_kill_and_after_sigterm_equals_uninterrupted(ct_cache, tmp_path, monkeypatch):
-    from ssl3d_cli.stages import pretrain as stage
+    import importlib
 
+    stage = importlib.import_module("ssl3d_cli.stages.pretrain")
+    run_module = importlib.import_module("ssl3d_cli.training.run")
     stage.pretrain(ct_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "full")
     reference = _weights(tmp_path / "full")
 
     # 1) "SIGKILL" after epoch 3's metrics: the last checkpoint is epoch 2; resume redoes epochs 3-4
-    real_append = stage.append_metrics
+    real_append = run_module.append_metrics
 
     def crash_after_3(path, record):
         real_append(path, record)
         if record["epoch"] == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(stage, "append_metrics", crash_after_3)
+    monkeypatch.setattr(run_module, "append_metrics", crash_after_3)
     with pytest.raises(KeyboardInterrupt):
         stage.pretrain(ct_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "killed")
-    monkeypatch.setattr(stage, "append_metrics", real_append)
+    monkeypatch.setattr(run_module, "append_metrics", real_append)
     assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["epoch"] == 2
     stage.pretrain(ct_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "killed", resume=True)
     for k, v in _weights(tmp_path / "killed").items():
@@ -128,7 +130,7 @@ def test_resume_after_kill_and_after_sigterm_equals_uninterrupted(ct_cache, tmp_
         return real_step(*a, **kw)
 
     monkeypatch.setattr(stage, "simclr_step_loss", signal_on_third_step)
-    with pytest.raises(stage.StopRequested) as info:
+    with pytest.raises(StopRequested) as info:
         stage.pretrain(ct_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "term")
     assert info.value.exit_code == 75
     monkeypatch.setattr(stage, "simclr_step_loss", real_step)
@@ -145,7 +147,7 @@ def test_encoder_checkpoint_is_weights_only_and_typed(ct_cache, tmp_path):
     pretrain(ct_cache, config=_config(epochs=1), runtime=RUNTIME, output=tmp_path / "r")
     enc = torch.load(tmp_path / "r" / "encoder.pt", weights_only=True)
     assert enc["format"] == "ssl3d-encoder" and enc["architecture"] == {"in_channels": 1, "widths": [4, 8]}
-    assert enc["preprocess"]["size"] == [16, 16, 16] and "blocks.0.0.weight" in enc["state_dict"]
+    assert enc["dataset"]["preprocess"]["size"] == [16, 16, 16] and "blocks.0.0.weight" in enc["state_dict"]  # schema 2: one dataset record
     with pytest.raises(CheckpointError, match="training state.*expected a pretrained SimCLR encoder"):
         checkpoints.load_checkpoint(tmp_path / "r" / "last.pt", fmt=checkpoints.ENCODER)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -225,7 +227,7 @@ def test_torchrun_two_cpu_processes_pretrain_resume_and_finetune(ct_cache, tmp_p
 
 def test_out_of_memory_names_the_option_to_lower():
     from ssl3d_cli.errors import DeviceError
-    from ssl3d_cli.training.loop import optimisation_step
+    from ssl3d_cli.training.run import optimisation_step
 
     def compute():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

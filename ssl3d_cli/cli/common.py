@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -33,6 +32,12 @@ class _CurrentStderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+def _is_main_process() -> bool:
+    from ssl3d_cli.runtime.distributed import is_main_process  # imports torch: only once a command runs, never for --help
+
+    return is_main_process()
+
+
 def setup_logging(*, quiet: bool, verbose: bool) -> None:
     """Log lines to stderr: rich on a terminal, plain time-stamped lines in cluster logs."""
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
@@ -40,7 +45,7 @@ def setup_logging(*, quiet: bool, verbose: bool) -> None:
     logger.handlers.clear()
     logger.setLevel(level)
     logger.propagate = False
-    if os.environ.get("RANK", "0") != "0":
+    if not _is_main_process():
         logger.setLevel(logging.WARNING)
     if sys.stderr.isatty():
         from rich.console import Console
@@ -55,7 +60,7 @@ def setup_logging(*, quiet: bool, verbose: bool) -> None:
 
 def emit(result: dict[str, Any], *, as_json: bool, human: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Results to stdout: one JSON object with --json, else the human summary."""
-    if os.environ.get("RANK", "0") != "0":
+    if not _is_main_process():
         return
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")

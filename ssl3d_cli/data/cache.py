@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,9 @@ import numpy as np
 import platformdirs
 
 from ssl3d_cli import __version__
+from ssl3d_cli.data.datasets import CaseSpec
 from ssl3d_cli.data.preprocessing import CaseGeometry
+from ssl3d_cli.data.summary import DatasetSummary
 from ssl3d_cli.errors import InputDataError
 
 CACHE_FORMAT = "ssl3d-cache"
@@ -38,34 +39,6 @@ def cache_dir_for(dataset_root: Path, settings_hash: str, cache_root: Path | Non
     """The cache folder of a dataset, keyed by its absolute path and the preprocessing settings."""
     key = hashlib.sha256(str(dataset_root.resolve()).encode()).hexdigest()[:8]
     return (cache_root or default_cache_root()) / f"{dataset_root.name}-{key}-{settings_hash}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def source_stats(paths: list[Path]) -> list[dict[str, Any]]:
@@ -92,6 +65,7 @@ class Cache:
         if self.manifest.get("schema_version") != CACHE_SCHEMA_VERSION:
             raise InputDataError(f"{manifest_path}: cache schema {self.manifest.get('schema_version')} is not {CACHE_SCHEMA_VERSION}; rerun `ssl3d preprocess`")
         self._records: dict[str, dict[str, Any]] = {}
+        self._dataset: DatasetSummary | None = None
 
     @property
     def case_ids(self) -> list[str]:
@@ -102,24 +76,11 @@ class Cache:
         return [c["case_id"] for c in self.manifest["cases"] if c["labelled"]]
 
     @property
-    def class_names(self) -> list[str]:
-        return list(self.manifest["class_names"])
-
-    @property
-    def label_values(self) -> list[int]:
-        return list(self.manifest["label_values"])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.manifest["label_values"])
-
-    @property
-    def num_channels(self) -> int:
-        return len(self.manifest["channel_names"])
-
-    @property
-    def size(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["settings"]["size"])  # type: ignore[return-value]
+    def dataset(self) -> DatasetSummary:
+        """Classes, label values, regions, modality, channels and preprocessing settings of the cached dataset."""
+        if self._dataset is None:
+            self._dataset = DatasetSummary.from_manifest(self.manifest, cache=str(self.root))
+        return self._dataset
 
     def record(self, case_id: str) -> dict[str, Any]:
         if case_id not in self._records:
@@ -147,19 +108,16 @@ class Cache:
     def missing_cases(self) -> list[str]:
         return [c for c in self.case_ids if not (self.root / "cases" / f"{c}.json").exists()]
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "cache": str(self.root),
-            "dataset": self.manifest["dataset"]["name"],
-            "modality": self.manifest["modality"],
-            "channels": self.manifest["channel_names"],
-            "classes": self.manifest["class_names"],
-            "label_values": self.manifest["label_values"],
-            "cases": len(self.case_ids),
-            "labelled": len(self.labelled_ids),
-            "size": list(self.size),
-            "settings_hash": self.manifest["settings_hash"],
-        }
+    def case_spec(self, case_id: str) -> CaseSpec:
+        """The case's source scans as a :class:`CaseSpec` (image files only; the label file, if any, is not included)."""
+        record = self.record(case_id)
+        sources = [Path(s["path"]) for s in record["sources"]]
+        return CaseSpec(case_id, sources[:-1] if record["labelled"] else sources)
+
+    def label_source(self, case_id: str) -> Path | None:
+        """The case's source label file (None for unlabelled cases)."""
+        record = self.record(case_id)
+        return Path(record["sources"][-1]["path"]) if record["labelled"] else None
 
 
 def build_manifest(*, dataset_summary: dict[str, Any], settings: dict[str, Any], settings_hash: str, modality: str,

@@ -6,8 +6,6 @@ order happens in :mod:`ssl3d_cli.data.preprocessing` and is undone there.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from ssl3d_cli.errors import InputDataError
+from ssl3d_cli.files import atomic_output
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 GEOMETRY_ATOL_MM = 1e-3
@@ -160,14 +159,6 @@ def load_label(path: Path, *, shape: tuple[int, int, int], affine: np.ndarray, i
     return rounded.astype(np.int32)
 
 
-def atomic_path(out_path: Path) -> Path:
-    """A temporary sibling path that keeps the NIfTI suffix (nibabel infers the format from it)."""
-    suffix = ".nii.gz" if out_path.name.endswith(".nii.gz") else out_path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=out_path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_like(array: np.ndarray, reference: Path, out_path: Path, *, dtype: type | None = None) -> Path:
     """Write ``array`` (X, Y, Z) or (X, Y, Z, C) with the reference scan's header geometry, atomically.
 
@@ -189,12 +180,8 @@ def write_like(array: np.ndarray, reference: Path, out_path: Path, *, dtype: typ
         out.set_sform(sform, int(scode))
     if qcode:
         out.set_qform(qform, int(qcode))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(out_path)
-    try:
+    # The temporary file keeps the NIfTI suffix: nibabel picks the format (and gzip) from it.
+    suffix = ".nii.gz" if out_path.name.endswith(".nii.gz") else out_path.suffix
+    with atomic_output(out_path, suffix=suffix) as tmp:
         nib.save(out, str(tmp))
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out_path

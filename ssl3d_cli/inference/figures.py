@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl3d_cli.files import atomic_output
+
 
 def choose_slice(region: np.ndarray) -> int:
     """Index along the last axis with the largest area of ``region`` (the middle when empty)."""
@@ -37,9 +39,10 @@ def uncertainty_figure(maps: dict[str, np.ndarray], outline: np.ndarray, *, case
         ax.axis("off")
     fig.suptitle(f"{case_id}: p({target}) over MC samples, slice {z}; black: {outline_label}")
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.025, label="probability (red: certain, blue: uncertain)")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".tmp-{out_path.name}")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(out_path)
+    try:
+        # An explicit format: what is written must not depend on the temporary file's name.
+        with atomic_output(out_path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)  # also when saving fails: pyplot keeps every open figure alive
     return out_path

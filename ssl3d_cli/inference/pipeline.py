@@ -18,22 +18,25 @@ import numpy as np
 import torch
 
 from ssl3d_cli import checkpoints
-from ssl3d_cli.config import MCConfig, ModelConfig, PreprocessConfig
+from ssl3d_cli.config import MCConfig, ModelConfig, RuntimeConfig
 from ssl3d_cli.data.datasets import CaseSpec
 from ssl3d_cli.data.nifti import load_scan
-from ssl3d_cli.data.preprocessing import CaseGeometry, preprocess_arrays, restore_scores
-from ssl3d_cli.errors import ConfigError, InputDataError
+from ssl3d_cli.data.preprocessing import CaseGeometry, preprocess_arrays, restore_scores, unmap_labels
+from ssl3d_cli.data.summary import DatasetSummary
+from ssl3d_cli.errors import CheckpointError, ConfigError, InputDataError
 from ssl3d_cli.inference.mc import sample_probabilities
 from ssl3d_cli.inference.votes import VoteAccumulator, apply_union, decide
 from ssl3d_cli.models.unet import UNet
-from ssl3d_cli.runtime.device import Precision
+from ssl3d_cli.runs import find_model
+from ssl3d_cli.runtime.device import Precision, resolve_device, resolve_precision, set_threads
 
 
 @dataclass
 class Segmenter:
-    """A loaded ``model.pt`` with everything needed to preprocess a scan and name its classes."""
+    """A loaded ``model.pt``: the network and the dataset it was trained on (classes, preprocessing)."""
 
     model: UNet
+    dataset: DatasetSummary
     payload: dict[str, Any]
     device: torch.device
     precision: Precision
@@ -41,54 +44,31 @@ class Segmenter:
 
     @property
     def num_classes(self) -> int:
-        return int(self.payload["num_classes"])
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.payload["class_names"])
-
-    @property
-    def label_values(self) -> list[int]:
-        return list(self.payload["label_values"])
-
-    @property
-    def channel_names(self) -> list[str]:
-        return list(self.payload["channel_names"])
-
-    @property
-    def regions(self) -> dict[str, list[int]]:
-        return dict(self.payload.get("regions") or {})
-
-    @property
-    def preprocess_config(self) -> PreprocessConfig:
-        s = self.payload["preprocess"]
-        return PreprocessConfig(size=tuple(s["size"]), modality=s["modality"], ct_body_threshold_hu=s["ct_body_threshold_hu"],
-                                clip_percentiles=tuple(s["clip_percentiles"]), dtype=s["dtype"])
-
-    def class_index(self, name_or_index: str) -> int:
-        """A class by name (case-insensitive), original label value or internal index."""
-        key = str(name_or_index).strip().lower()
-        names = [n.lower() for n in self.class_names]
-        if key in names:
-            return names.index(key)
-        if key.lstrip("-").isdigit():
-            value = int(key)
-            if value in self.label_values:
-                return self.label_values.index(value)
-        raise ConfigError(f"class {name_or_index!r} is not one of this model's classes: "
-                          + ", ".join(f"{n} ({v})" for n, v in zip(self.class_names, self.label_values)))
+        return self.dataset.num_classes
 
 
 def load_segmenter(path: Path | str, *, device: torch.device, precision: Precision) -> Segmenter:
     """Load ``model.pt`` (weights only), rebuild the U-Net and move it to ``device``."""
     payload = checkpoints.load_checkpoint(path, fmt=checkpoints.SEGMENTER)
+    dataset = DatasetSummary.from_dict(payload["dataset"])
+    if payload["num_classes"] != dataset.num_classes:
+        raise CheckpointError(f"{path}: the network has {payload['num_classes']} outputs but {dataset.num_classes} classes are named; "
+                              "the file is inconsistent, retrain it")
     m = payload["model"]
     config = ModelConfig(in_channels=m["in_channels"], widths=tuple(m["widths"]), dropout_encoder=m["dropout_encoder"],
                          dropout_decoder=m["dropout_decoder"])
     model = UNet(config, payload["num_classes"])
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
-    return Segmenter(model, payload, device, precision, Path(path))
+    return Segmenter(model, dataset, payload, device, precision, Path(path))
+
+
+def open_segmenter(model: Path | None, runtime: RuntimeConfig) -> Segmenter:
+    """The given ``model.pt`` (or the newest fine-tuned run's) on the runtime's device, threads and precision."""
+    model_path = find_model(model)
+    device = resolve_device(runtime.device)
+    set_threads(runtime.threads)
+    return load_segmenter(model_path, device=device, precision=resolve_precision(runtime.precision, device))
 
 
 def prepare_case(seg: Segmenter, case: CaseSpec) -> tuple[torch.Tensor, CaseGeometry]:
@@ -97,20 +77,21 @@ def prepare_case(seg: Segmenter, case: CaseSpec) -> tuple[torch.Tensor, CaseGeom
     Returns:
         image (1, C, D, H, W) on the device, and the geometry that maps results back.
     """
-    expected = len(seg.channel_names)
+    channels = seg.dataset.channel_names
     if len(case.image_paths) == 1:
         scan = load_scan(case.image_paths)
-        if scan.data.shape[0] != expected:
-            raise InputDataError(f"{case.image_paths[0]}: has {scan.data.shape[0]} channel(s); the model expects {expected} "
-                                 f"({', '.join(seg.channel_names)})")
+        if scan.data.shape[0] != len(channels):
+            raise InputDataError(f"{case.image_paths[0]}: has {scan.data.shape[0]} channel(s); the model expects {len(channels)} "
+                                 f"({', '.join(channels)})")
     else:
-        if len(case.image_paths) != expected:
-            raise InputDataError(f"case {case.case_id}: {len(case.image_paths)} channel files; the model expects {expected} "
-                                 f"({', '.join(seg.channel_names)})")
+        if len(case.image_paths) != len(channels):
+            raise InputDataError(f"case {case.case_id}: {len(case.image_paths)} channel files; the model expects {len(channels)} "
+                                 f"({', '.join(channels)})")
         scan = load_scan(case.image_paths)
-    pre = preprocess_arrays(scan.data, scan.affine, modality=seg.payload["modality"], config=seg.preprocess_config)
+    config = seg.dataset.preprocess_config()
+    pre = preprocess_arrays(scan.data, scan.affine, modality=seg.dataset.modality, config=config)
     # round through the cache dtype (float16 by default) so the network sees exactly what it was trained on
-    image = torch.from_numpy(pre.image.astype(seg.preprocess_config.dtype).astype(np.float32))[None].to(seg.device)
+    image = torch.from_numpy(pre.image.astype(config.dtype).astype(np.float32))[None].to(seg.device)
     return image, pre.geometry
 
 
@@ -167,6 +148,20 @@ class ScanVotes:
         return labels.numpy()
 
 
+def vote_case(seg: Segmenter, image: torch.Tensor, geometry: CaseGeometry, mc: MCConfig) -> ScanVotes:
+    """MC-dropout samples (or one deterministic pass) of a prepared case, as votes mapped onto its scan.
+
+    Args:
+        image: (1, C, D, H, W) from :func:`prepare_case`; ``geometry`` maps the cache grid back to the scan.
+    """
+    return ScanVotes(accumulate(seg, image, mc), geometry)
+
+
+def segmentation(seg: Segmenter, votes: ScanVotes, rule: str, union_classes: list[int] | None = None) -> np.ndarray:
+    """The rule's label map (X, Y, Z) on the scan's grid, in the dataset's own label values (e.g. BraTS 0/1/2/4)."""
+    return unmap_labels(votes.labels(rule, union_classes), list(seg.dataset.label_values))
+
+
 def labels_on_scan(acc: VoteAccumulator, geometry: CaseGeometry, *, rule: str, union_classes: list[int] | None = None) -> np.ndarray:
     """The rule's labels (class indices) on the scan's grid (X, Y, Z); see :class:`ScanVotes`."""
     return ScanVotes(acc, geometry).labels(rule, union_classes)
@@ -176,5 +171,5 @@ def validate_vote_options(seg: Segmenter, mc: MCConfig) -> list[int]:
     """Check vote weights and union classes against the model; returns the union class indices."""
     if mc.vote_weights and len(mc.vote_weights) != seg.num_classes:
         raise ConfigError(f"--vote-weights has {len(mc.vote_weights)} value(s); the model has {seg.num_classes} classes "
-                          f"({', '.join(seg.class_names)})")
-    return [seg.class_index(c) for c in mc.union_classes]
+                          f"({', '.join(seg.dataset.class_names)})")
+    return [seg.dataset.class_index(c) for c in mc.union_classes]

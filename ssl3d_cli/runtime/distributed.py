@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,34 @@ class DistInfo:
         return self.world_size > 1
 
 
+def _joined() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def process_rank() -> int:
+    """This process's global rank: the process group's once joined, else the launcher's environment.
+
+    Before ``init_distributed`` runs (logging set-up, progress) torchrun has set ``RANK``; a plain
+    ``srun`` step has only ``SLURM_PROCID``. A lone process is rank 0.
+    """
+    if _joined():
+        return dist.get_rank()
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if launched_distributed():
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    return 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or alone): the process that logs, shows progress, prints results and writes run files."""
+    return process_rank() == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _joined() else 1
+
+
 def launched_distributed() -> bool:
     """True under torchrun (WORLD_SIZE > 1) or a multi-task srun step."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -36,7 +65,7 @@ def launched_distributed() -> bool:
 
 def init_distributed(device: torch.device) -> DistInfo:
     """Initialise the process group from the environment; a no-op for a single process."""
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if not launched_distributed():
         return DistInfo()
@@ -52,7 +81,7 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 
 def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.destroy_process_group()
 
 
@@ -81,14 +110,14 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (N, ...) from every rank in rank order -> (world*N, ...), with gradients."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return tensor
     return _GatherWithGrad.apply(tensor)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (for logging)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return value
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
@@ -96,13 +125,31 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable value); ``obj`` itself alone."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order, on every rank (``[obj]`` alone)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any rank (so all ranks stop at the same step)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

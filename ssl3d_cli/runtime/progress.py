@@ -25,7 +25,9 @@ def configure(*, enabled: bool) -> None:
 
 
 def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    from ssl3d_cli.runtime.distributed import is_main_process  # torch: imported only once work starts
+
+    return is_main_process()
 
 
 def _use_rich() -> bool:

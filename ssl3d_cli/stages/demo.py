@@ -7,7 +7,6 @@ uncertainty maps and the figure for one test case.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl3d_cli.config import FinetuneConfig, MCConfig, ModelConfig, PreprocessConfig, PretrainConfig, RuntimeConfig
+from ssl3d_cli.data.splits import SPLIT_FILE, split_cases
 from ssl3d_cli.errors import InputDataError
 
 log = logging.getLogger("ssl3d")
@@ -75,10 +75,9 @@ def demo(output: Path | str, *, preset: str = "default", device: str = "auto", s
                    output=out / "runs" / "finetune-simclr", evaluate_test=False)
     log.info("[5/7] Fine-tuning from scratch (the baseline) on the same split")
     base = finetune(cache, config=FinetuneConfig(model=model, from_scratch=True, **ft_common), runtime=runtime,
-                    output=out / "runs" / "finetune-scratch", evaluate_test=False, split_file=out / "runs" / "finetune-simclr" / "split.json")
+                    output=out / "runs" / "finetune-scratch", evaluate_test=False, split_file=out / "runs" / "finetune-simclr" / SPLIT_FILE)
     log.info("[6/7] Predicting the test cases: deterministic and %d MC-dropout samples (majority vote)", p.mc_samples)
-    split = json.loads((out / "runs" / "finetune-simclr" / "split.json").read_text())["cases"]
-    test_ids = sorted(c for c, r in split.items() if r == "test")
+    test_ids = split_cases(out / "runs" / "finetune-simclr" / SPLIT_FILE, "test")
     rows = []
     for name, run in (("SimCLR", ssl), ("scratch", base)):
         for label, mc in (("deterministic", MCConfig(mc_samples=0)), (f"MC x{p.mc_samples}", MCConfig(mc_samples=p.mc_samples, seed=seed))):

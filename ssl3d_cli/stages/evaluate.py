@@ -15,6 +15,7 @@ from ssl3d_cli.data.cache import Cache
 from ssl3d_cli.data.datasets import discover_dataset, evaluation_regions
 from ssl3d_cli.data.nifti import GEOMETRY_ATOL_MM, is_nifti, spacing_from_affine, strip_nifti_suffix
 from ssl3d_cli.errors import InputDataError
+from ssl3d_cli.files import atomic_write_text
 from ssl3d_cli.metrics import case_metrics, mean_metrics
 from ssl3d_cli.runtime import progress
 
@@ -25,11 +26,9 @@ def _label_sources(labels: Path) -> tuple[dict[str, Path], list[int] | None, lis
     """Case -> label file, with declared label values/class names/regions when known."""
     if (labels / "manifest.json").exists():
         cache = Cache(labels)
-        files = {}
-        for cid in cache.labelled_ids:
-            srcs = cache.record(cid)["sources"]
-            files[cid] = Path(srcs[-1]["path"])
-        return files, cache.label_values, cache.class_names, cache.manifest.get("regions") or {}
+        files: dict[str, Path] = {cid: cache.label_source(cid) for cid in cache.labelled_ids}  # type: ignore[misc]
+        data = cache.dataset
+        return files, list(data.label_values), list(data.class_names), {k: list(v) for k, v in data.regions.items()}
     has_nifti = any(is_nifti(p) for p in labels.iterdir() if p.is_file())
     if has_nifti and not (labels / "dataset.json").exists():
         files = {strip_nifti_suffix(p.name): p for p in labels.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("._")}
@@ -122,6 +121,4 @@ def to_csv_text(result: dict[str, Any]) -> str:
 
 
 def write_csv(result: dict[str, Any], path: Path) -> None:
-    from ssl3d_cli.data.cache import atomic_write_bytes
-
-    atomic_write_bytes(path, to_csv_text(result).encode())
+    atomic_write_text(path, to_csv_text(result))

@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 
 from ssl3d_cli.config import VOTE_RULES, FinetuneConfig, MCConfig, ModelConfig, PreprocessConfig, PretrainConfig, RuntimeConfig
-from ssl3d_cli.data.cache import atomic_write_bytes, atomic_write_json
+from ssl3d_cli.data.shards import parse_shard
+from ssl3d_cli.data.splits import SPLIT_FILE, split_cases
 from ssl3d_cli.errors import ConfigError
+from ssl3d_cli.files import atomic_output, atomic_write_bytes, atomic_write_json
 from ssl3d_cli.runtime import progress
 
 log = logging.getLogger("ssl3d")
@@ -95,24 +97,20 @@ def _train(dataset: Path, run_dir: Path, *, method: str, fraction: float, seed: 
     return table
 
 
-def _count_train(run_dir: Path) -> int:
-    roles = json.loads((run_dir / "split.json").read_text())["cases"]
-    return sum(1 for r in roles.values() if r == "train")
-
-
 def _mc_rows(model_path: Path, test_ids: list[str], cache_dir: Path, *, s: Settings, runtime: RuntimeConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Dice of every MC setting and vote rule on the test cases of one model."""
+    """Dice of every MC setting and vote rule on the test cases of one model.
+
+    Each case is prepared once and each MC setting sampled once; every vote rule is read from the
+    same samples, through the functions ``ssl3d predict`` uses (:func:`vote_case`, :func:`segmentation`).
+    """
     import nibabel as nib
 
     from ssl3d_cli.data.cache import Cache
-    from ssl3d_cli.data.datasets import CaseSpec
-    from ssl3d_cli.data.preprocessing import unmap_labels
-    from ssl3d_cli.inference.pipeline import ScanVotes, accumulate, load_segmenter, prepare_case
+    from ssl3d_cli.inference.pipeline import open_segmenter, prepare_case, segmentation, vote_case
     from ssl3d_cli.metrics import dice
-    from ssl3d_cli.runtime.device import resolve_device, resolve_precision
 
-    device = resolve_device(runtime.device)
-    seg = load_segmenter(model_path, device=device, precision=resolve_precision(runtime.precision, device))
+    seg = open_segmenter(model_path, runtime)
+    label_values = seg.dataset.label_values
     cache = Cache(cache_dir)
     weights = tuple([1.0] + [2.0] * (seg.num_classes - 1))  # the paper: background 1, pancreas 2, tumour 2
     settings = [("deterministic", 0.0, 0.0, ("majority",))]
@@ -120,22 +118,21 @@ def _mc_rows(model_path: Path, test_ids: list[str], cache_dir: Path, *, s: Setti
     settings += [("rate", r, 0.0, ("majority",)) for r in (0.1, 0.2, 0.4, 0.5)]
     per: dict[tuple, list[list[float]]] = {}
     for cid in test_ids:
-        sources = [Path(x["path"]) for x in cache.record(cid)["sources"]]
-        truth = np.asarray(nib.load(str(sources[-1])).dataobj).astype(np.int64)
-        image, geometry = prepare_case(seg, CaseSpec(cid, sources[:-1]))
+        truth = np.asarray(nib.load(str(cache.label_source(cid))).dataobj).astype(np.int64)
+        image, geometry = prepare_case(seg, cache.case_spec(cid))
         for group, enc, dec, rules in settings:
             mc = MCConfig(mc_samples=0 if group == "deterministic" else s.mc_samples, dropout_encoder=enc, dropout_decoder=dec,
                           vote_weights=weights, seed=base["seed"])
-            votes = ScanVotes(accumulate(seg, image, mc), geometry)
+            votes = vote_case(seg, image, geometry, mc)
             for rule in rules:
                 union = [seg.num_classes - 1] if rule == "union" else []  # the smallest structure (tumour / lesion)
-                labels = unmap_labels(votes.labels(rule, union), seg.label_values)
-                per.setdefault((group, enc, dec, rule), []).append([dice(labels == v, truth == v) for v in seg.label_values[1:]])
+                labels = segmentation(seg, votes, rule, union)
+                per.setdefault((group, enc, dec, rule), []).append([dice(labels == v, truth == v) for v in label_values[1:]])
     rows = []
     for (group, enc, dec, rule), scores in per.items():
         mean = np.mean(scores, axis=0)
         row = {**base, "setting": group, "dropout_encoder": enc, "dropout_decoder": dec, "vote": rule}
-        row.update({f"dice_{n}": float(v) for n, v in zip(seg.class_names[1:], mean)})
+        row.update({f"dice_{n}": float(v) for n, v in zip(seg.dataset.class_names[1:], mean)})
         row["dice_mean_fg"] = float(mean.mean())
         rows.append(row)
     # "rate" 0.3 is the "site" encoder-only run: repeat it under "rate" so the rate curve is complete
@@ -164,7 +161,7 @@ def experiment(
 
     ``settings`` overrides the quick/paper sizes (tests use it for seconds-long runs).
     """
-    from ssl3d_cli.stages.preprocess import ensure_cache, parse_shard
+    from ssl3d_cli.stages.preprocess import ensure_cache
 
     if name not in EXPERIMENTS:
         raise ConfigError(f"experiment {name!r}: choose {' or '.join(EXPERIMENTS)}")
@@ -190,13 +187,11 @@ def experiment(
                 table = _train(dataset, run_dir, method=method, fraction=fraction, seed=run_seed, s=s, runtime=runtime, encoder=enc,
                                cache_root=cache_root)
                 base = {"experiment": name, "method": method, "fraction": fraction, "seed": run_seed,
-                        "train_cases": _count_train(run_dir), "train_seconds": table.get("train_seconds")}
+                        "train_cases": len(split_cases(run_dir / SPLIT_FILE, "train")), "train_seconds": table.get("train_seconds")}
                 if name == "label-fractions":
                     rows = [{**base, "setting": "deterministic", **{k: v for k, v in table["mean"].items() if k.startswith("dice")}}]
                 else:
-                    split = json.loads((run_dir / "split.json").read_text())["cases"]
-                    test_ids = sorted(c for c, r in split.items() if r == "test")
-                    rows = _mc_rows(run_dir / "model.pt", test_ids, cache.root, s=s, runtime=runtime, base=base)
+                    rows = _mc_rows(run_dir / "model.pt", split_cases(run_dir / SPLIT_FILE, "test"), cache.root, s=s, runtime=runtime, base=base)
                 atomic_write_json(rows_path, rows)
                 bar.advance(1)
     if count > 1 and not collect_only:
@@ -294,10 +289,10 @@ def draw_plots(name: str, summary: list[dict[str, Any]], out: Path) -> list[Path
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_output(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path

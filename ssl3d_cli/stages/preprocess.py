@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,18 +12,13 @@ from typing import Any
 import numpy as np
 
 from ssl3d_cli.config import PreprocessConfig
-from ssl3d_cli.data.cache import (
-    Cache,
-    atomic_save_npy,
-    atomic_write_json,
-    build_manifest,
-    cache_dir_for,
-    source_stats,
-)
+from ssl3d_cli.data.cache import Cache, build_manifest, cache_dir_for, source_stats
 from ssl3d_cli.data.datasets import CaseSpec, DatasetSpec, discover_dataset, evaluation_regions
 from ssl3d_cli.data.nifti import load_label, load_scan
 from ssl3d_cli.data.preprocessing import map_labels, preprocess_arrays
+from ssl3d_cli.data.shards import parse_shard
 from ssl3d_cli.errors import InputDataError, Ssl3dError
+from ssl3d_cli.files import atomic_save_npy, atomic_write_json, check_writable
 from ssl3d_cli.runtime import progress
 
 log = logging.getLogger("ssl3d")
@@ -150,34 +143,6 @@ def _up_to_date(case: CaseSpec, out_dir: Path, settings_hash: str) -> bool:
     return record.get("settings_hash") == settings_hash and record.get("sources") == source_stats(sources)
 
 
-def check_writable(folder: Path) -> None:
-    """Fail early, with the folder named, when outputs cannot be written there."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        raise InputDataError(f"{folder}: output folder is not writable ({exc.strerror}); choose another with -o/--cache-dir") from None
-
-
-def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
-    """``"I/N"`` (I from 0 to N-1, as SLURM_ARRAY_TASK_ID) -> (I, N)."""
-    if shard is None:
-        return (0, 1)
-    if isinstance(shard, tuple):
-        index, count = shard
-    else:
-        try:
-            a, b = shard.split("/")
-            index, count = int(a), int(b)
-        except ValueError:
-            raise InputDataError(f"--shard {shard!r}: expected I/N, e.g. 0/4 (I from 0 to N-1)") from None
-    if count < 1 or not 0 <= index < count:
-        raise InputDataError(f"--shard {index}/{count}: need 0 <= I < N")
-    return index, count
-
-
 def preprocess(
     dataset: Path | str,
     *,
@@ -278,3 +243,13 @@ def ensure_cache(source: Path | str, *, config: PreprocessConfig | None = None, 
     if missing:
         raise InputDataError(f"{cache.root}: {len(missing)} case(s) not preprocessed (e.g. {missing[0]}); run `ssl3d preprocess` without --shard")
     return cache
+
+
+def open_cache_on_all_ranks(source: Path | str, *, config: PreprocessConfig | None = None, cache_root: Path | None = None) -> Cache:
+    """:func:`ensure_cache` under torch.distributed: rank 0 preprocesses on demand while the other ranks wait,
+    then every rank opens the cache (a lone process simply calls it)."""
+    from ssl3d_cli.runtime.distributed import barrier, is_main_process
+
+    cache = ensure_cache(source, config=config, cache_root=cache_root) if is_main_process() else None
+    barrier()
+    return cache if cache is not None else ensure_cache(source, config=config, cache_root=cache_root)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import numpy as np
 
 from ssl3d_cli.data.synthetic import CT_CLASSES, MR_CHANNELS, MR_CLASSES, make_ct_case, make_mr_case
 from ssl3d_cli.errors import ConfigError, InputDataError
+from ssl3d_cli.files import atomic_output, atomic_write_json
 from ssl3d_cli.runtime import progress
 
 log = logging.getLogger("ssl3d")
@@ -33,7 +33,9 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, 1)
     img.set_sform(affine, 1)
-    nib.save(img, str(path))
+    # Atomically: an interrupted run leaves no truncated scan that `ssl3d preprocess` would later trip over.
+    with atomic_output(path, suffix=".nii.gz" if path.name.endswith(".nii.gz") else path.suffix) as tmp:
+        nib.save(img, str(tmp))
 
 
 def synth(out: Path | str, *, kind: str = "ct", cases: int = 12, unlabelled: int | None = None, seed: int = 0,
@@ -101,5 +103,5 @@ def synth(out: Path | str, *, kind: str = "ct", cases: int = 12, unlabelled: int
             "training": training,
             "test": test,
         }
-        (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_write_json(root / "dataset.json", meta)
     return SynthResult(root, cases, n_unlabelled)

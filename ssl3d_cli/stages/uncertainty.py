@@ -14,14 +14,14 @@ from ssl3d_cli.config import MCConfig, RuntimeConfig
 from ssl3d_cli.data.datasets import CaseSpec
 from ssl3d_cli.data.nifti import GEOMETRY_ATOL_MM, write_like
 from ssl3d_cli.data.preprocessing import restore_scores
+from ssl3d_cli.data.shards import take_shard
 from ssl3d_cli.errors import ConfigError, InputDataError
+from ssl3d_cli.files import check_writable
 from ssl3d_cli.inference.figures import uncertainty_figure
-from ssl3d_cli.inference.pipeline import Segmenter, accumulate, labels_on_scan, load_segmenter, prepare_case
+from ssl3d_cli.inference.pipeline import Segmenter, accumulate, labels_on_scan, open_segmenter, prepare_case
 from ssl3d_cli.inference.uncertainty import TargetStore, entropy, percentile_name
 from ssl3d_cli.runtime import progress
-from ssl3d_cli.runtime.device import resolve_device, resolve_precision, set_threads
-from ssl3d_cli.stages.predict import find_model, resolve_cases
-from ssl3d_cli.stages.preprocess import check_writable, parse_shard
+from ssl3d_cli.stages.predict import resolve_cases
 
 log = logging.getLogger("ssl3d")
 
@@ -32,12 +32,13 @@ def resolve_target(seg: Segmenter, classes: list[str]) -> tuple[list[int], str]:
     ``classes`` holds class names/values, or one region name (WT/TC/ET for BraTS-like models).
     Default: every foreground class.
     """
+    data = seg.dataset
     if not classes:
-        return list(range(1, seg.num_classes)), "foreground"
-    if len(classes) == 1 and classes[0].upper() in seg.regions:
-        values = seg.regions[classes[0].upper()]
-        return [seg.label_values.index(v) for v in values], classes[0].upper()
-    return [seg.class_index(c) for c in classes], "+".join(classes)
+        return list(range(1, data.num_classes)), "foreground"
+    if len(classes) == 1 and classes[0].upper() in data.regions:
+        values = data.regions[classes[0].upper()]
+        return [data.label_values.index(v) for v in values], classes[0].upper()
+    return [data.class_index(c) for c in classes], "+".join(classes)
 
 
 def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, percentiles: list[float], target: list[int],
@@ -60,7 +61,7 @@ def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConf
             limg = nib.load(str(label))
             if limg.shape[:3] != restored.shape[1:] or not np.allclose(limg.affine, nib.load(str(ref)).affine, atol=GEOMETRY_ATOL_MM):
                 raise InputDataError(f"{label}: --label does not lie on the grid of {ref}")
-            values = [seg.label_values[i] for i in target]
+            values = [seg.dataset.label_values[i] for i in target]
             outline = np.isin(np.asarray(limg.dataobj).astype(np.int64), values)
             outline_label = f"true {target_name}"
         else:
@@ -97,14 +98,9 @@ def uncertainty(
     if bad:
         raise ConfigError(f"--percentiles {bad}: percentiles must lie in 0..100")
     runtime = (runtime or RuntimeConfig()).validate()
-    model_path = find_model(model)
-    device = resolve_device(runtime.device)
-    set_threads(runtime.threads)
-    seg = load_segmenter(model_path, device=device, precision=resolve_precision(runtime.precision, device))
+    seg = open_segmenter(model, runtime)
     target, target_name = resolve_target(seg, list(classes or []))
-    cases = resolve_cases([Path(p) for p in inputs], split=split, model_path=model_path)
-    index, count = parse_shard(shard)
-    cases = cases[index::count]
+    cases = take_shard(resolve_cases([Path(p) for p in inputs], split=split, model_path=seg.path), shard)
     if label is not None:
         if len(cases) != 1:
             raise ConfigError("--label goes with a single input scan")
@@ -120,4 +116,4 @@ def uncertainty(
             records.append(uncertainty_one(seg, case, out_dir, mc=mc, percentiles=percentiles, target=target, target_name=target_name,
                                            label=Path(label) if label else None, figure=figure))
             bar.advance(1)
-    return {"output": str(out_dir), "model": str(model_path), "target": target_name, "mc_samples": mc.mc_samples, "cases": records}
+    return {"output": str(out_dir), "model": str(seg.path), "target": target_name, "mc_samples": mc.mc_samples, "cases": records}

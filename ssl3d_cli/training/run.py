@@ -1,0 +1,408 @@
+"""One resumable, signal-safe training run: the shape both ``pretrain`` and ``finetune`` take.
+
+A :class:`TrainingRun` owns the run folder and its ``config.json``, ``--resume`` and its
+compatibility checks, the signal guard, DDP wrapping, the epoch/step iteration in seeded order,
+``metrics.jsonl``, the checkpoint cadence (``last.pt``) and the stop-on-signal exit. A stage supplies
+only its :class:`Recipe`: the model, the loss of one step, what happens when an epoch starts and
+ends (unfreezing, validation, best model) and the artefact it writes at each checkpoint.
+
+Determinism: the batch order of epoch e is a function of (seed, e), the augmentation generator of
+step s of epoch e is seeded from (seed, e, s, rank), and every rank's global RNG state (dropout) is
+saved in ``last.pt``; so a run resumed from any saved step ends with the same weights as an
+uninterrupted one (on CPU, or on GPU with ``--deterministic``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ssl3d_cli import checkpoints
+from ssl3d_cli.errors import CheckpointError, ConfigError, DeviceError, StopRequested
+from ssl3d_cli.files import atomic_write_bytes, atomic_write_json
+from ssl3d_cli.runs import default_runs_root, latest_run
+from ssl3d_cli.runtime import progress
+from ssl3d_cli.runtime.device import (
+    describe_device,
+    is_out_of_memory,
+    resolve_device,
+    resolve_precision,
+    rng_state,
+    set_rng_state,
+    set_threads,
+)
+from ssl3d_cli.runtime.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+    is_main_process,
+    world_size,
+)
+from ssl3d_cli.training.sampling import EpochBatches, step_generator, warmup_cosine
+
+log = logging.getLogger("ssl3d")
+
+#: Settings that may change between a run and its ``--resume`` (anywhere in the nested config).
+RESUME_MUTABLE = ("epochs", "checkpoint_every", "workers", "device", "threads")
+
+
+class SignalGuard:
+    """Turns SIGTERM/SIGUSR1 into a flag checked after every step (main thread only)."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = signum
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+@dataclass(frozen=True)
+class TrainingContext:
+    """Where and how a training stage runs: device, process group and precision."""
+
+    device: torch.device
+    dist: DistInfo
+    precision: Any  # runtime.device.Precision
+
+
+def start_training(runtime: Any) -> TrainingContext:
+    """Resolve the device, join the process group (under torchrun/srun), set threads and precision."""
+    device = resolve_device(runtime.device)
+    dist = init_distributed(device)
+    set_threads(runtime.threads)
+    return TrainingContext(device, dist, resolve_precision(runtime.precision, device))
+
+
+def optimisation_step(compute: Callable[[], Any], *, optimizer: Any, scheduler: Any, scaler: Any, oom_hint: str) -> Any:
+    """One update: ``compute()`` returns (loss, ...); backward through the scaler, step, schedule.
+
+    An out-of-memory error becomes a DeviceError carrying ``oom_hint`` (which option to lower).
+    Returns what ``compute`` returned.
+    """
+    try:
+        out = compute()
+        loss = out[0] if isinstance(out, tuple) else out
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    except RuntimeError as exc:
+        if is_out_of_memory(exc):
+            raise DeviceError(f"out of memory; {oom_hint}") from None
+        raise
+    scheduler.step()
+    return out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long and how fast a run trains (the parts of a stage's config the run itself needs)."""
+
+    epochs: int
+    batch_size: int  # scans per step on each rank
+    learning_rate: float
+    weight_decay: float
+    warmup_epochs: int
+    checkpoint_every: int
+    workers: int
+    steps_per_epoch: int = 0  # 0: one pass over the items per epoch
+
+
+class Recipe:
+    """What a stage brings to a :class:`TrainingRun`; override the hooks it needs.
+
+    Attributes:
+        model: the bare network (not DDP-wrapped), on the device.
+        dataset: one training item per index (the run batches and orders them).
+        state: plain values saved in ``last.pt`` and restored on resume (e.g. the best score so far).
+        description: what the progress bar says.
+        oom_hint: which option to lower when a step runs out of memory.
+        shown: metric names shown next to the progress bar.
+    """
+
+    model: torch.nn.Module
+    dataset: Dataset
+    state: dict[str, Any]
+    description: str = "Training"
+    oom_hint: str = "lower --batch-size"
+    shown: tuple[str, ...] = ("loss", "lr")
+
+    def step(self, model: torch.nn.Module, batch: Any, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one step (to minimise) and other per-step figures to average over the epoch."""
+        raise NotImplementedError
+
+    def epoch_start(self, epoch: int) -> bool:
+        """Called before each epoch (and once at start-up); True when the set of trainable parameters changed."""
+        return False
+
+    def epoch_end(self, model: torch.nn.Module, epoch: int, metrics: dict[str, Any], *, steps: int) -> dict[str, Any]:
+        """Called on every rank after epoch ``epoch`` (0-based) with its metrics line so far.
+
+        ``metrics`` holds ``epoch`` (1-based), the epoch means of the step loss and figures, ``lr`` and
+        ``seconds``; ``steps`` is how many steps this process ran in it. Returns the line to log.
+        """
+        return metrics
+
+    def checkpoint(self, model: torch.nn.Module, epoch: int, metrics: dict[str, Any]) -> None:
+        """Called on rank 0 after ``last.pt`` is saved at the checkpoint cadence (epochs done: ``epoch``)."""
+
+
+def choose_run_dir(stage: str, dataset_name: str, *, output: Path | None, resume: bool) -> Path:
+    """``-o`` if given; with --resume the newest matching run; else a new time-stamped folder.
+
+    Under torch.distributed rank 0 decides and broadcasts, so every rank uses the same folder.
+    """
+    chosen: str | None = None
+    if is_main_process():
+        if output is not None:
+            chosen = str(Path(output).expanduser())
+        elif resume:
+            found = latest_run(stage, dataset_name)
+            if found is None:
+                raise CheckpointError(f"--resume: no earlier {stage} run of {dataset_name} with last.pt under {default_runs_root()}; give its folder with -o")
+            chosen = str(found)
+        else:
+            chosen = str(default_runs_root() / f"{stage}-{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return Path(broadcast_object(chosen))
+
+
+def checked_last_path(run_dir: Path, *, resume: bool) -> Path:
+    """``run_dir/last.pt``, refusing --resume without it and a fresh start over it."""
+    last_path = run_dir / "last.pt"
+    if resume and not last_path.exists():
+        raise ConfigError(f"--resume: {last_path} not found; start without --resume or give the run folder with -o")
+    if not resume and last_path.exists():
+        raise ConfigError(f"{run_dir}: already holds a run (last.pt); add --resume to continue it or choose another -o")
+    return last_path
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Human-readable list of settings that differ (nested keys joined by dots)."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                name = f"{prefix}.{key}" if prefix else key
+                if name in ignore or key in ignore:
+                    continue
+                walk(a.get(key), b.get(key), name)
+        elif a != b:
+            out.append(f"{prefix}: checkpoint {a!r} vs now {b!r}")
+
+    walk(saved, current, "")
+    return out
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare network inside a DDP wrapper (or the network itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel under torch.distributed, the bare model otherwise."""
+    if world_size() == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def attach_log_file(run_dir: Path, name: str) -> logging.Handler:
+    """Mirror the ``ssl3d`` logger into ``run_dir/<name>.log`` (call on rank 0 only)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / f"{name}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("ssl3d")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        handler.setLevel(logging.INFO)
+    return handler
+
+
+def detach_log_file(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger("ssl3d").removeHandler(handler)
+        handler.close()
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line per epoch."""
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, last_epoch: int) -> None:
+    """On resume, drop metric lines of epochs after the checkpoint (they are about to be redone)."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", 0) <= last_epoch]
+    atomic_write_bytes(path, "".join(f"{ln}\n" for ln in kept).encode())
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(b.to(device, non_blocking=True) for b in batch)
+    return batch.to(device, non_blocking=True)
+
+
+class TrainingRun:
+    """One run folder: ``config.json``, ``metrics.jsonl``, ``last.pt``, ``<stage>.log`` and the stage's artefacts.
+
+    Use as a context manager (it mirrors the log into the run folder while open)::
+
+        with TrainingRun("pretrain", name, config=full_config, output=o, resume=r, device=d, dist=di, seed=s) as run:
+            run.fit(recipe, schedule)
+    """
+
+    def __init__(self, stage: str, dataset_name: str, *, config: dict[str, Any], output: Path | None, resume: bool,
+                 device: torch.device, dist: DistInfo, precision: Any, seed: int) -> None:
+        """
+        Args:
+            stage: ``pretrain``, ``finetune`` or ``scratch``: names the run folder and tags ``last.pt``.
+            config: every setting of the run (saved as ``config.json``; compared on ``--resume``).
+        """
+        self.stage, self.config, self.resume = stage, config, resume
+        self.device, self.dist, self.precision, self.seed = device, dist, precision, seed
+        self.dir = choose_run_dir(stage, dataset_name, output=output, resume=resume)
+        self.last_path = checked_last_path(self.dir, resume=resume)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self._log_handler: logging.Handler | None = None
+
+    def __enter__(self) -> TrainingRun:
+        if self.dist.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._log_handler = attach_log_file(self.dir, "finetune" if self.stage == "scratch" else self.stage)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        detach_log_file(self._log_handler)
+        self._log_handler = None
+
+    # --- last.pt ---------------------------------------------------------------------------------
+
+    def _save_state(self, model: torch.nn.Module, opt: Any, *, epoch: int, step: int, extra: dict[str, Any]) -> None:
+        """Write ``last.pt`` (rank 0) with every rank's RNG state; call on all ranks (it gathers)."""
+        rngs = gather_objects(rng_state())
+        if not self.dist.is_main:
+            return
+        optimizer, scheduler, scaler = opt
+        checkpoints.save_checkpoint({
+            "stage": self.stage, "config": self.config, "epoch": epoch, "step": step, "extra": extra,
+            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rngs if len(rngs) > 1 else rngs[0],
+        }, self.last_path, fmt=checkpoints.TRAIN_STATE)
+
+    def _restore_state(self, model: torch.nn.Module, opt: Any) -> dict[str, Any]:
+        """Load ``last.pt`` after checking it is this stage with compatible settings; restores RNG states."""
+        state = checkpoints.load_checkpoint(self.last_path, fmt=checkpoints.TRAIN_STATE)
+        if state.get("stage") != self.stage:
+            raise ConfigError(f"{self.last_path}: holds a {state.get('stage')} run, not {self.stage}")
+        diffs = config_differences(state["config"], self.config, ignore=RESUME_MUTABLE)
+        if diffs:
+            raise ConfigError(f"{self.last_path}: --resume with different settings ({'; '.join(diffs)}); use the original settings or a new -o")
+        optimizer, scheduler, scaler = opt
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][self.dist.rank] if isinstance(state["rng"], list) else state["rng"])
+        return state
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def fit(self, recipe: Recipe, schedule: Schedule) -> dict[str, Any]:
+        """Train ``recipe.model`` for ``schedule.epochs`` (continuing ``last.pt`` when resuming).
+
+        Returns:
+            the last epoch's metrics line (empty if no epoch was left to run).
+        Raises:
+            StopRequested: SIGTERM/SIGUSR1 arrived; the state was saved mid-epoch and ``--resume`` continues.
+        """
+        device, dist = self.device, self.dist
+        model = recipe.model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.learning_rate, weight_decay=schedule.weight_decay)
+        batches = EpochBatches(len(recipe.dataset), schedule.batch_size, seed=self.seed, world=dist.world_size, rank=dist.rank,
+                               steps=schedule.steps_per_epoch)
+        total_steps = schedule.epochs * batches.steps
+        # the schedule always follows the current --epochs: a resumed, longer run keeps the warm-up + cosine shape
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, schedule.warmup_epochs * batches.steps))
+        scaler = torch.amp.GradScaler(device.type, enabled=self.precision.needs_scaler)
+        opt = (optimizer, scheduler, scaler)
+        start_epoch, start_step, accum = 0, 0, {"loss": 0.0, "n": 0}
+        if self.resume:
+            state = self._restore_state(model, opt)
+            start_epoch, start_step = state["epoch"], state["step"]
+            accum = state["extra"]["accum"]
+            recipe.state.update({k: v for k, v in state["extra"].items() if k != "accum"})
+            log.info("Resuming %s at epoch %d step %d", self.dir, start_epoch + 1, start_step)
+            if dist.is_main:
+                truncate_metrics(self.metrics_path, start_epoch)
+        if dist.is_main:
+            atomic_write_json(self.dir / "config.json", self.config)
+        log.info("Device: %s, precision %s", describe_device(device), self.precision.name)
+        recipe.epoch_start(start_epoch)
+        wrapped = wrap_ddp(model, device)
+        loader = DataLoader(recipe.dataset, batch_sampler=batches, num_workers=schedule.workers, pin_memory=device.type == "cuda")
+        metrics: dict[str, Any] = {}
+        wrapped.train()
+        with SignalGuard() as guard, progress.task(recipe.description, total=schedule.epochs) as bar:
+            bar.advance(start_epoch)
+            for epoch in range(start_epoch, schedule.epochs):
+                if recipe.epoch_start(epoch):
+                    wrapped = wrap_ddp(model, device)  # DDP must see the newly trainable parameters
+                batches.set_epoch(epoch, start_step)
+                t_epoch, steps = time.perf_counter(), 0
+                for offset, batch in enumerate(loader):
+                    step = start_step + offset
+                    compute = partial(recipe.step, wrapped, _to_device(batch, device), step_generator(device, self.seed, epoch, step, dist.rank))
+                    loss, stats = optimisation_step(compute, optimizer=optimizer, scheduler=scheduler, scaler=scaler, oom_hint=recipe.oom_hint)
+                    for name, value in {"loss": loss, **stats}.items():
+                        accum[name] = accum.get(name, 0.0) + float(all_reduce_mean(value.detach()))
+                    accum["n"] += 1
+                    steps += 1
+                    if any_rank(guard.requested is not None, device):
+                        self._save_state(wrapped, opt, epoch=epoch, step=step + 1, extra={"accum": accum, **recipe.state})
+                        raise StopRequested(f"signal {guard.requested or 'on another rank'}: state saved in {self.last_path}; "
+                                            "rerun with --resume to continue")
+                start_step = 0
+                seconds = time.perf_counter() - t_epoch
+                means = {k: v / max(accum["n"], 1) for k, v in accum.items() if k != "n"}
+                accum = {"loss": 0.0, "n": 0}
+                metrics = recipe.epoch_end(wrapped, epoch, {"epoch": epoch + 1, **means, "lr": scheduler.get_last_lr()[0], "seconds": seconds},
+                                           steps=steps)
+                if dist.is_main:
+                    append_metrics(self.metrics_path, metrics)
+                barrier()
+                bar.advance(1, **{k: metrics[k] for k in recipe.shown if k in metrics})
+                if epoch + 1 == schedule.epochs or (epoch + 1) % schedule.checkpoint_every == 0:
+                    self._save_state(wrapped, opt, epoch=epoch + 1, step=0, extra={"accum": accum, **recipe.state})
+                    if dist.is_main:
+                        recipe.checkpoint(wrapped, epoch + 1, metrics)
+        return metrics
