@@ -23,7 +23,8 @@ work: Path = args.workdir
 shape, size, widths = ((24, 24, 16), 16, (4, 8)) if args.tiny else ((48, 48, 24), 32, (8, 16, 32))
 pretrain_epochs, finetune_epochs, freeze_epochs, mc_samples = (2, 3, 1, 3) if args.tiny else (20, 40, 5, 20)
 runtime = RuntimeConfig(device="auto", seed=0)
-model = ModelConfig(widths=widths)
+model = ModelConfig(widths=widths)  # pretraining: no dropout
+segmenter = ModelConfig(widths=widths, dropout_encoder=0.3, dropout_decoder=0.0)  # trained with the dropout MC dropout samples with
 
 data = synth(work / "Task99_Synth", kind="ct", cases=16, unlabelled=4, shape=shape).root
 cache = preprocess(data, config=PreprocessConfig(size=(size,) * 3)).cache_dir
@@ -31,10 +32,11 @@ enc = pretrain(cache, config=PretrainConfig(epochs=pretrain_epochs, batch_size=4
                runtime=runtime, output=work / "runs" / "pretrain")
 ft = finetune(cache, encoder=Path(enc["encoder"]), runtime=runtime, output=work / "runs" / "finetune",
               config=FinetuneConfig(epochs=finetune_epochs, freeze_epochs=freeze_epochs, label_fraction=0.25, learning_rate=3e-3, workers=0,
-                                    model=model))
+                                    model=segmenter))
 print("test Dice (deterministic):", ft["test"]["mean"]["dice_mean_fg"])
 
-mc = MCConfig(mc_samples=mc_samples, dropout_encoder=0.3, dropout_decoder=0.0, vote="weighted-probs", vote_weights=(1.0, 2.0, 2.0))
+# dropout rates default to the model's training rates (encoder 0.3, decoder 0.0)
+mc = MCConfig(mc_samples=mc_samples, vote="weighted-probs", vote_weights=(1.0, 2.0, 2.0))
 predict([data], split="test", output=work / "preds", model=Path(ft["model"]), mc=mc, runtime=runtime)
 table = evaluate(work / "preds", data)
 print("test Dice (MC dropout, weighted-probs):", table["mean"]["dice_mean_fg"])

@@ -13,6 +13,8 @@ from ssl3d_cli.errors import ConfigError
 #: Augmentations SimCLR may draw from (paper section 2.1); ``cutout`` is optional and off by default.
 SIMCLR_AUGMENTATIONS = ("rotate", "colour", "identity", "noise", "blur", "sobel", "cutout")
 DEFAULT_SIMCLR_AUGMENTATIONS = ("rotate", "colour", "identity", "noise", "blur", "sobel")
+#: The paper's best MC-dropout configuration (Figures 3-6): encoder dropout 0.3, decoder 0.0.
+PAPER_DROPOUT_ENCODER = 0.3
 VOTE_RULES = ("majority", "weighted", "weighted-probs", "borda", "union", "mean")
 
 
@@ -210,7 +212,8 @@ class FinetuneConfig:
     augment: bool = True
     from_scratch: bool = False
     workers: int = 2
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # trained with dropout at the rates MC dropout later samples with (the paper's best: encoder 0.3, decoder 0)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(dropout_encoder=PAPER_DROPOUT_ENCODER, dropout_decoder=0.0))
 
     def validate(self) -> FinetuneConfig:
         self.model.validate()
@@ -222,8 +225,9 @@ class FinetuneConfig:
             raise ConfigError(f"--label-fraction {self.label_fraction}: must be in (0, 1], e.g. 0.1")
         if not 0 <= self.test_fraction < 1:
             raise ConfigError(f"--test-fraction {self.test_fraction}: must be in [0, 1)")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+        if not 0 <= self.val_fraction <= 0.5:
+            raise ConfigError(f"--val-fraction {self.val_fraction}: must be in [0, 0.5] (the share of the label budget held back "
+                              "to select the best epoch; 0: none, keep the last epoch)")
         if self.loss not in ("dice", "dice-ce"):
             raise ConfigError(f"--loss {self.loss!r}: choose dice or dice-ce")
         if self.dice_smooth < 0:
@@ -241,8 +245,8 @@ class MCConfig:
     """Monte-Carlo dropout inference settings (paper section 2.3)."""
 
     mc_samples: int = 0
-    dropout_encoder: float = 0.3
-    dropout_decoder: float = 0.0
+    dropout_encoder: float | None = None  # None: the rate the model was trained with
+    dropout_decoder: float | None = None
     vote: str = "majority"
     vote_weights: tuple[float, ...] = ()
     union_classes: tuple[str, ...] = ()
@@ -254,7 +258,7 @@ class MCConfig:
             raise ConfigError(f"--mc-samples {self.mc_samples}: must be >= 0 (0 or 1: one deterministic pass)")
         for name in ("dropout_encoder", "dropout_decoder"):
             rate = getattr(self, name)
-            if not 0.0 <= rate < 1.0:
+            if rate is not None and not 0.0 <= rate < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} {rate}: must be in [0, 1)")
         if self.vote not in VOTE_RULES:
             raise ConfigError(f"--vote {self.vote!r}: choose one of {', '.join(VOTE_RULES)}")

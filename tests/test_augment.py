@@ -1,16 +1,23 @@
+import itertools
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ssl3d_cli.augment.segmentation import augment_pair
 from ssl3d_cli.augment.simclr import (
     augment_view,
+    colour_apply,
     cutout,
+    draw_ops,
     gaussian_blur,
     rotate90,
     rotate_arbitrary,
     sobel_magnitude,
     split_into_patches,
 )
+from ssl3d_cli.config import DEFAULT_SIMCLR_AUGMENTATIONS
 
 ALL = ("rotate", "colour", "identity", "noise", "blur", "sobel", "cutout")
 
@@ -48,6 +55,68 @@ def test_composite_views_differ_and_identity_only_keeps_input():
     v1 = augment_view(x, augmentations=ALL, gen=g)
     v2 = augment_view(x, augmentations=ALL, gen=g)
     assert not torch.equal(v1, v2)
+    assert torch.equal(augment_view(x, augmentations=("identity",), gen=g), x)
+
+
+def _same(a, b):
+    return (a == b).flatten(1).all(1)
+
+
+def test_positive_pairs_are_rarely_identical_with_the_default_augmentations():
+    """Two views drawn as pretraining draws them (one generator, view 1 then view 2): at most 5 % bit-identical pairs.
+
+    The old identity veto (identity with prob. 0.5 left the whole view untouched) gave about 28 % here.
+    """
+    x = torch.randn(3000, 1, 8, 8, 8, generator=gen(11))
+    g = gen(12)
+    v1 = augment_view(x, augmentations=DEFAULT_SIMCLR_AUGMENTATIONS, gen=g)
+    v2 = augment_view(x, augmentations=DEFAULT_SIMCLR_AUGMENTATIONS, gen=g)
+    identical = _same(v1, v2).float().mean().item()
+    assert identical <= 0.05, identical
+
+
+@pytest.mark.parametrize(
+    ("augs", "ops", "documented"),
+    [
+        (DEFAULT_SIMCLR_AUGMENTATIONS, 2, 0.0),  # identity takes at most one slot of two: the other one transforms
+        (ALL, 2, 0.0),
+        (("identity", "noise"), 2, 0.0),
+        (DEFAULT_SIMCLR_AUGMENTATIONS, 1, 1 / 6),  # one slot: identity is 1 of 6 equally likely options
+        (("identity", "rotate"), 1, 1 / 2),
+    ],
+)
+def test_views_are_untouched_no_more_often_than_documented(augs, ops, documented):
+    n = 2000
+    x = torch.randn(n, 1, 8, 8, 8, generator=gen(21))
+    v = augment_view(x, augmentations=augs, gen=gen(22), ops=ops)
+    untouched = _same(v, x).float().mean().item()
+    slack = 4 * math.sqrt(documented * (1 - documented) / n)  # 4 binomial standard deviations
+    assert untouched <= documented + slack, (untouched, documented)
+    if documented:
+        assert untouched >= documented - slack, (untouched, documented)  # identity is really drawn, not ignored
+
+
+def test_each_option_is_drawn_equally_often_and_views_draw_distinct_options():
+    n = 6000
+    drawn = draw_ops(n, DEFAULT_SIMCLR_AUGMENTATIONS, gen(5), torch.device("cpu"))
+    assert set(drawn) == set(DEFAULT_SIMCLR_AUGMENTATIONS)
+    counts = torch.stack(list(drawn.values()), 1).sum(1)
+    assert (counts == 2).all()
+    for name, mask in drawn.items():
+        assert abs(mask.float().mean().item() - 1 / 3) < 0.03, name
+    one = draw_ops(10, ("noise",), gen(5), torch.device("cpu"), ops=2)
+    assert one["noise"].all()  # fewer options than slots: every option is applied
+    with pytest.raises(ValueError, match="flip"):
+        draw_ops(4, ("rotate", "flip"), gen(5), torch.device("cpu"))
+
+
+def test_views_are_deterministic_given_the_generator_seed():
+    x = torch.randn(8, 1, 8, 8, 16)
+    a1, a2 = (augment_view(x, augmentations=ALL, gen=g) for g in [gen(9)] * 2)
+    g = gen(9)
+    b1, b2 = augment_view(x, augmentations=ALL, gen=g), augment_view(x, augmentations=ALL, gen=g)
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert not torch.equal(x, augment_view(x, augmentations=ALL, gen=gen(10)))
 
 
 def test_rotations_are_exact():
@@ -63,6 +132,109 @@ def test_rotations_are_exact():
     ref = torch.stack([torch.rot90(v, 1, (2, 3)) for v in x])
     ref2 = torch.stack([torch.rot90(v, -1, (2, 3)) for v in x])
     assert torch.allclose(quarter, ref, atol=1e-4) or torch.allclose(quarter, ref2, atol=1e-4)
+
+
+def _bar(shape=(16, 16, 32), length=10, axis=2):
+    """One channel, zeros with a 2x2-thick bar of ``length`` voxels along ``axis``, centred in the patch."""
+    x = torch.zeros(1, 1, *shape)
+    index = []
+    for a, size in enumerate(shape):
+        half = length // 2 if a == axis else 1
+        index.append(slice(size // 2 - half, size // 2 + half))
+    x[(0, 0, *index)] = 1.0
+    return x
+
+
+def _principal(v):
+    """Length (voxels) and unit direction (d, h, w) of the intensity-weighted principal axis of each sample (N, 1, a, b, c)."""
+    w = v[:, 0].clamp_min(0).double()
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in w.shape[1:]], indexing="ij")
+    p = torch.stack(grids, -1)  # (a, b, c, 3)
+    mass = w.sum((1, 2, 3))
+    mu = torch.einsum("nabc,abcj->nj", w, p) / mass[:, None]
+    q = p[None] - mu[:, None, None, None]
+    cov = torch.einsum("nabc,nabci,nabcj->nij", w, q, q) / mass[:, None, None]
+    vals, vecs = torch.linalg.eigh(cov)
+    return torch.sqrt(12 * vals[:, -1] + 1), vecs[:, :, -1]  # a uniform line of n voxels has variance (n^2 - 1) / 12
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 32), (8, 8, 16)])
+@pytest.mark.parametrize("degrees", [90.0, 37.0, -63.0])
+@pytest.mark.parametrize("about", [0, 1, 2])  # angles are about w, h, d
+def test_arbitrary_rotation_is_rigid_on_non_cubic_patches(shape, degrees, about):
+    """A bar along the long side keeps its length (within a voxel) and turns by the angle (the old normalised-coordinate
+    rotation shrank a line turned from the long side to a short one: 10 voxels -> 5 after 90 degrees)."""
+    length = 10 if shape[2] == 32 else 6
+    x = _bar(shape, length)
+    before, _ = _principal(x)
+    assert abs(before.item() - length) < 0.1
+    angles = torch.zeros(1, 3)
+    angles[0, about] = math.radians(degrees)
+    out = rotate_arbitrary(x, angles)
+    after, direction = _principal(out)
+    assert abs(after.item() - length) < 1.0, (after.item(), length)
+    cos_to_w = direction[0, 2].abs().item()  # the bar started along w; a turn about w leaves it there
+    expected = 1.0 if about == 0 else abs(math.cos(math.radians(degrees)))
+    assert abs(cos_to_w - expected) < 0.05, (cos_to_w, expected)
+    mass = out.sum().item()
+    assert abs(mass - x.sum().item()) < 0.1 * x.sum().item()  # nothing squashed or stretched
+
+
+def test_rotate_view_on_non_cubic_patches_always_turns_and_keeps_lengths():
+    """With only ``rotate`` every view is rotated (exact turns included: 180 degrees where a plane is not square,
+    never silently skipped) and the bar keeps its length."""
+    noise = torch.randn(48, 1, 16, 16, 32, generator=gen(3))  # a centred bar is symmetric: 180 degrees would keep it
+    turned = augment_view(noise, augmentations=("rotate",), gen=gen(4))
+    assert turned.shape == noise.shape
+    assert not _same(turned, noise).any()
+    x = _bar((16, 16, 32), 10).expand(48, 1, 16, 16, 32).contiguous()
+    v = augment_view(x, augmentations=("rotate",), gen=gen(4))
+    lengths, _ = _principal(v)
+    assert ((lengths - 10).abs() < 1.0).all(), lengths
+
+
+def test_exact_turns_in_planes_with_unequal_sides_are_half_turns():
+    x = torch.randn(2, 1, 6, 6, 10)
+    out = rotate90(x, torch.tensor([True, True]), plane=torch.tensor([1, 2]), turns=torch.tensor([2, 2]))
+    assert torch.equal(out[0], torch.rot90(x[0], 2, (1, 3))) and torch.equal(out[1], torch.rot90(x[1], 2, (2, 3)))
+    with pytest.raises(ValueError, match="changes its shape"):
+        rotate90(x, torch.tensor([True, False]), plane=torch.tensor([2, 2]), turns=torch.tensor([1, 1]))
+    assert torch.equal(rotate90(x, torch.tensor([True, False]), plane=torch.tensor([0, 0]), turns=torch.tensor([1, 3]))[0], torch.rot90(x[0], 1, (1, 2)))
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_colour_matches_applying_the_three_steps_in_order(order):
+    x = torch.randn(3, 2, 5, 6, 7) * 2 + 1
+    bright = torch.tensor([0.3, -0.2, 0.1]).view(-1, 1, 1, 1, 1)
+    contrast = torch.tensor([0.7, 1.3, 1.0]).view(-1, 1, 1, 1, 1)
+    gamma = torch.tensor([0.8, 1.4, 1.1]).view(-1, 1, 1, 1, 1)
+    dims = (1, 2, 3, 4)
+    ref = x.clone()
+    for op in order:
+        if op == 0:
+            ref = ref + bright
+        elif op == 1:
+            mean = ref.mean(dim=dims, keepdim=True)
+            ref = (ref - mean) * contrast + mean
+        else:
+            lo = ref.amin(dim=dims, keepdim=True)
+            rng = ref.amax(dim=dims, keepdim=True) - lo
+            ref = lo + rng * ((ref - lo) / rng) ** gamma
+    out = colour_apply(x, bright, contrast, gamma, torch.tensor([order] * 3))
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_sobel_matches_the_3x3x3_kernels():
+    x = torch.randn(2, 3, 7, 8, 9)
+    smooth, deriv = torch.tensor([1.0, 2.0, 1.0]), torch.tensor([-1.0, 0.0, 1.0])
+    kernels = []
+    for axis in range(3):
+        parts = [deriv if a == axis else smooth for a in range(3)]
+        kernels.append(torch.einsum("i,j,k->ijk", *parts))
+    grad = F.conv3d(F.pad(x.reshape(6, 1, 7, 8, 9), [1] * 6, mode="replicate"), torch.stack(kernels)[:, None])
+    mag = grad.pow(2).sum(1).add(1e-12).sqrt().view_as(x)
+    mean, std = mag.mean(dim=(1, 2, 3, 4), keepdim=True), mag.std(dim=(1, 2, 3, 4), keepdim=True)
+    assert torch.allclose(sobel_magnitude(x), (mag - mean) / (std + 1e-6), atol=1e-4)
 
 
 def test_sobel_safe_on_constant_and_blur_preserves_constant():

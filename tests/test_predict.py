@@ -24,7 +24,7 @@ def model_path(ct_cache, tmp_path_factory):
     from ssl3d_cli.stages.finetune import finetune
 
     out = tmp_path_factory.mktemp("seg") / "finetune-run"
-    finetune(ct_cache, config=FinetuneConfig(epochs=3, from_scratch=True, batch_size=2, workers=0, model=ModelConfig(widths=(4, 8)),
+    finetune(ct_cache, config=FinetuneConfig(epochs=3, from_scratch=True, batch_size=2, workers=0, model=ModelConfig(widths=(4, 8), dropout_encoder=0.3),
                                              warmup_epochs=0, learning_rate=1e-2),
              runtime=RuntimeConfig(device="cpu"), output=out, evaluate_test=False)
     return out / "model.pt"

@@ -1,16 +1,24 @@
 """SimCLR augmentations for 3D patches, batched on the training device.
 
 Every call transforms a whole batch (N, C, d, h, w) with per-sample random parameters drawn from
-one ``torch.Generator``: no Python loop over patches (rotations by multiples of 90 degrees are
-grouped by plane and turn count, at most 12 grouped calls).
+one ``torch.Generator``: no Python loop over patches (exact rotations are grouped by plane and turn
+count, at most 9 grouped calls). The same generator state gives the same views.
 
-A view is a random composite: each enabled transform is applied to a sample with probability
-``p`` (default 0.5), in the order rotate -> colour -> blur -> noise -> sobel -> cutout. ``identity``
-leaves a sample untouched with probability ``p`` regardless of the others.
+A view: each sample draws ``ops`` (default 2) *different* options uniformly at random from the enabled
+augmentations (``identity`` is one option like the others: a slot that draws it does nothing), and the
+drawn transforms are applied in the order rotate -> colour -> blur -> noise -> sobel -> cutout.
+With the default six options (rotate, colour, identity, noise, blur, sobel) every transform is in a view
+with probability 2/6 = 1/3; a view has one transform (identity drawn) with probability 1/3, two otherwise.
+A view is left untouched only when every drawn slot is identity: never while another option is enabled
+and ``ops`` >= 2; with ``ops`` = 1, with probability 1/(number of options). Both views of a pair are drawn
+independently.
 
 Parameter ranges (documented in the README):
-- rotate: with prob. 1/2 an exact 90/180/270 degree turn in a random plane; otherwise arbitrary angles,
-  each axis independently rotated with prob. 1/2 by U(-30, 30) degrees (trilinear, border padding).
+- rotate: rigid in voxel units, about the patch centre. With prob. 1/2 an exact turn in a random plane
+  ((d,h), (d,w) or (h,w), prob. 1/3 each): 90, 180 or 270 degrees (1/3 each) when the plane's two sides are
+  equal, 180 degrees when they are not (the only shape-preserving turn there). Otherwise arbitrary angles:
+  each axis independently with prob. 1/2 (at least one axis) by U(-30, 30) degrees (trilinear, border
+  padding); on non-cubic patches the corners that leave the box are filled from the border.
 - colour: brightness + U(-0.4, 0.4) std, contrast x U(0.6, 1.4) about the mean,
   gamma U(0.7, 1.5) on min-max scaled intensities; the three in random order per sample.
 - blur: Gaussian, sigma U(0.5, 1.5) voxels (kernel radius 3).
@@ -26,7 +34,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-ORDER = ("rotate", "colour", "blur", "noise", "sobel", "cutout")
+#: Version of how views are drawn; recorded in a pretraining run's config so --resume refuses a run begun under another.
+#: 1: identity vetoed the view with p 0.5 (ssl3d <= 0.1); 2: two options drawn per view, identity one of them.
+VIEW_POLICY = 2
+ORDER = ("rotate", "colour", "blur", "noise", "sobel", "cutout")  # the order drawn transforms are applied in
+OPTIONS = ("identity", *ORDER)  # what a view's slots draw from (fixed order: the draw does not depend on how the list is spelled)
+PLANES = ((2, 3), (2, 4), (3, 4))  # (d,h), (d,w), (h,w)
 
 
 def _uniform(gen: torch.Generator, n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
@@ -40,17 +53,19 @@ def _bcast(v: torch.Tensor) -> torch.Tensor:
 def rotate90(x: torch.Tensor, chosen: torch.Tensor, plane: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Exact rotations: sample i (where chosen) is turned ``turns[i]`` x 90 degrees in plane ``plane[i]``.
 
-    Planes are (d,h), (d,w), (h,w); only planes with equal sides are used (patches are usually cubes).
+    Planes are (d,h), (d,w), (h,w). A plane with unequal sides only allows 180 degrees (2 turns): odd turns there
+    would change the patch shape, and raise ValueError.
     """
-    planes = [(2, 3), (2, 4), (3, 4)]
     out = x.clone()
-    for p, dims in enumerate(planes):
-        if x.shape[dims[0]] != x.shape[dims[1]]:
-            continue
+    for p, dims in enumerate(PLANES):
+        square = x.shape[dims[0]] == x.shape[dims[1]]
         for k in (1, 2, 3):
             sel = chosen & (plane == p) & (turns == k)
-            if sel.any():
-                out[sel] = torch.rot90(x[sel], k, dims)
+            if not sel.any():
+                continue
+            if k % 2 and not square:
+                raise ValueError(f"rotate90: a {k * 90} degree turn in plane {dims} of a {tuple(x.shape[2:])} patch changes its shape; use 2 turns")
+            out[sel] = torch.rot90(x[sel], k, dims)
     return out
 
 
@@ -65,43 +80,67 @@ def _rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
 
 
 def rotate_arbitrary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate each sample about its centre by ``angles`` (N, 3) radians; one grid_sample call."""
-    theta = torch.cat([_rotation_matrices(angles.float()), torch.zeros(x.shape[0], 3, 1, device=x.device)], dim=2)
+    """Rotate each sample rigidly (in voxel units) about its centre by ``angles`` (N, 3) radians; one grid_sample call.
+
+    Angles are about the w, h and d axes (in that order). ``affine_grid`` works in coordinates normalised by each
+    side, so the rotation R (voxel units) is conjugated by the half sides S: theta = S^-1 R S. Without it a
+    non-cubic patch would be sheared and scaled (a line along a long side shrinks when turned to a short one).
+    """
+    rot = _rotation_matrices(angles.float())
+    d, h, w = x.shape[2:]
+    half = torch.tensor([w, h, d], dtype=torch.float32, device=x.device)  # affine_grid's (x, y, z) = (w, h, d)
+    rot = rot * half[None, None, :] / half[None, :, None]  # (S^-1 R S)_ij = R_ij s_j / s_i
+    theta = torch.cat([rot, torch.zeros(x.shape[0], 3, 1, device=x.device)], dim=2)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def colour_distort(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast and gamma in a random order per sample.
-
-    Each of the three steps applies one op to each sample: the samples are split by which op they get
-    at that step, so the work is three ops per sample (not nine) and still one call per op and step.
-    """
+def random_rotation(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Rotate every sample: half exact turns, half arbitrary angles (see the module docstring)."""
     n, dev = x.shape[0], x.device
-    dims = tuple(range(1, x.ndim))
-    std = x.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    exact = torch.rand(n, generator=gen, device=dev) < 0.5
+    plane = torch.randint(0, 3, (n,), generator=gen, device=dev)
+    turns = torch.randint(1, 4, (n,), generator=gen, device=dev)
+    square = torch.tensor([x.shape[a] == x.shape[b] for a, b in PLANES], device=dev)
+    turns = torch.where(square[plane], turns, torch.full_like(turns, 2))
+    on_axis = torch.rand(n, 3, generator=gen, device=dev) < 0.5
+    forced = torch.randint(0, 3, (n,), generator=gen, device=dev)
+    on_axis = on_axis | (~on_axis.any(1, keepdim=True) & F.one_hot(forced, 3).bool())  # at least one axis turns
+    angles = _uniform(gen, 3 * n, -math.pi / 6, math.pi / 6, dev).view(n, 3) * on_axis
+    out = rotate90(x, exact, plane, turns)
+    free = (~exact).nonzero().squeeze(1)
+    if free.numel():
+        out[free] = rotate_arbitrary(x[free], angles[free])
+    return out
+
+
+def colour_distort(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and gamma in a random order per sample (parameters in the module docstring)."""
+    n, dev = x.shape[0], x.device
+    std = x.std(dim=tuple(range(1, x.ndim)), keepdim=True).clamp_min(1e-6)
     bright = _bcast(_uniform(gen, n, -0.4, 0.4, dev)) * std
     contrast = _bcast(_uniform(gen, n, 0.6, 1.4, dev))
     gamma = _bcast(_uniform(gen, n, 0.7, 1.5, dev))
     order = torch.argsort(torch.rand(n, 3, generator=gen, device=dev), dim=1)  # a random permutation per sample
+    return colour_apply(x, bright.to(x.dtype), contrast.to(x.dtype), gamma.to(x.dtype), order)
 
-    def apply(op: int, v: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        if op == 0:
-            return v + bright[sel]
-        if op == 1:
-            mean = v.mean(dim=dims, keepdim=True)
-            return (v - mean) * contrast[sel] + mean
-        lo = v.amin(dim=dims, keepdim=True)
-        rng = (v.amax(dim=dims, keepdim=True) - lo).clamp_min(1e-6)
-        return lo + rng * ((v - lo) / rng).clamp(0, 1) ** gamma[sel]
 
-    x = x.clone()
-    for step in range(3):
-        for op in range(3):
-            sel = (order[:, step] == op).nonzero().squeeze(1)
-            if sel.numel():
-                x[sel] = apply(op, x[sel], sel)
-    return x
+def colour_apply(x: torch.Tensor, bright: torch.Tensor, contrast: torch.Tensor, gamma: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Apply brightness (+bright), contrast (about the current mean) and gamma (on min-max scaled values) to each
+    sample in the order ``order[i]`` (a permutation of 0 = brightness, 1 = contrast, 2 = gamma); parameters (N, 1, 1, 1, 1).
+
+    One pass for all samples and orders: a shift commutes with contrast and gamma, and gamma commutes with any
+    positive affine map (min-max scaling undoes it), so every order equals ``c * (G - pivot) + pivot + bright``
+    with G = gamma(x) and pivot the mean the contrast step sees: mean(x) if contrast comes before gamma, else mean(G).
+    """
+    dims = tuple(range(1, x.ndim))
+    lo = x.amin(dim=dims, keepdim=True)
+    rng = (x.amax(dim=dims, keepdim=True) - lo).clamp_min(1e-6)
+    g = lo + rng * ((x - lo) / rng).clamp(0, 1) ** gamma
+    position = order.argsort(dim=1)
+    contrast_first = _bcast(position[:, 1] < position[:, 2])
+    pivot = torch.where(contrast_first, x.mean(dim=dims, keepdim=True), g.mean(dim=dims, keepdim=True))
+    return (g - pivot) * contrast + pivot + bright
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
@@ -121,19 +160,31 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torc
     return v.view_as(x)
 
 
+def _smooth(v: torch.Tensor, axis: int) -> torch.Tensor:
+    """[1, 2, 1] along ``axis`` without padding (the axis shrinks by 2)."""
+    size = v.shape[axis] - 2
+    return v.narrow(axis, 0, size) + 2 * v.narrow(axis, 1, size) + v.narrow(axis, 2, size)
+
+
+def _deriv(v: torch.Tensor, axis: int) -> torch.Tensor:
+    """[-1, 0, 1] along ``axis`` without padding (the axis shrinks by 2)."""
+    size = v.shape[axis] - 2
+    return v.narrow(axis, 2, size) - v.narrow(axis, 0, size)
+
+
 def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
-    """3D Sobel gradient magnitude per channel, standardised per sample; constant input -> zeros."""
+    """3D Sobel gradient magnitude per channel, standardised per sample; constant input -> zeros.
+
+    The three 3x3x3 Sobel kernels are separable (derivative along one axis, [1, 2, 1] along the other two): computed
+    as shared 1D passes on the replicate-padded patch.
+    """
     n, c = x.shape[:2]
-    smooth = torch.tensor([1.0, 2.0, 1.0], device=x.device)
-    deriv = torch.tensor([-1.0, 0.0, 1.0], device=x.device)
-    kernels = []
-    for axis in range(3):
-        parts = [deriv if a == axis else smooth for a in range(3)]
-        kernels.append(parts[0][:, None, None] * parts[1][None, :, None] * parts[2][None, None, :])
-    weight = torch.stack(kernels)[:, None].to(x.dtype)  # (3, 1, 3, 3, 3)
-    v = F.pad(x.reshape(n * c, 1, *x.shape[2:]), [1] * 6, mode="replicate")
-    grad = F.conv3d(v, weight)  # (N*C, 3, d, h, w)
-    mag = torch.sqrt((grad.float() ** 2).sum(1) + 1e-12).view_as(x)
+    v = F.pad(x.reshape(n * c, 1, *x.shape[2:]).float(), [1] * 6, mode="replicate")[:, 0]  # (N*C, d+2, h+2, w+2)
+    sw = _smooth(v, 3)
+    gd = _deriv(_smooth(sw, 2), 1)
+    gh = _deriv(_smooth(sw, 1), 2)
+    gw = _deriv(_smooth(_smooth(v, 1), 2), 3)
+    mag = torch.sqrt(gd**2 + gh**2 + gw**2 + 1e-12).view_as(x)
     dims = tuple(range(1, x.ndim))
     mean, std = mag.mean(dim=dims, keepdim=True), mag.std(dim=dims, keepdim=True)
     return ((mag - mean) / (std + 1e-6)).to(x.dtype)
@@ -155,36 +206,43 @@ def cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(mask, mean, x)
 
 
-def augment_view(x: torch.Tensor, *, augmentations: tuple[str, ...], gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
-    """One random composite augmentation per sample of x (N, C, d, h, w); same shape, dtype, device."""
+def draw_ops(n: int, augmentations: tuple[str, ...], gen: torch.Generator, device: torch.device, ops: int = 2) -> dict[str, torch.Tensor]:
+    """Which transforms each of n views applies: ``min(ops, #options)`` different options per view, uniformly.
+
+    Returns {name: (n,) bool} for every enabled option (identity included: it is drawn, and then does nothing).
+    """
+    unknown = sorted(set(augmentations) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"augmentations {','.join(unknown)}: choose from {','.join(OPTIONS)}")
+    options = [name for name in OPTIONS if name in augmentations]
+    if not options or ops < 1:
+        return {name: torch.zeros(n, dtype=torch.bool, device=device) for name in options}
+    keys = torch.rand(n, len(options), generator=gen, device=device)
+    rank = keys.argsort(dim=1).argsort(dim=1)  # a uniform random permutation per view; its first k options are drawn
+    drawn = rank < min(ops, len(options))
+    return {name: drawn[:, i] for i, name in enumerate(options)}
+
+
+def augment_view(x: torch.Tensor, *, augmentations: tuple[str, ...], gen: torch.Generator, ops: int = 2) -> torch.Tensor:
+    """One random composite augmentation per sample of x (N, C, d, h, w); same shape, dtype, device.
+
+    Each sample draws ``ops`` different options from ``augmentations`` (identity among them); see the module docstring.
+    """
     n, dev = x.shape[0], x.device
+    drawn = draw_ops(n, augmentations, gen, dev, ops)
     out = x
-    keep = torch.zeros(n, dtype=torch.bool, device=dev)
-    if "identity" in augmentations:
-        keep = torch.rand(n, generator=gen, device=dev) < p
     for name in ORDER:
-        if name not in augmentations:
+        if name not in drawn:
             continue
-        chosen = (torch.rand(n, generator=gen, device=dev) < p) & ~keep
-        if name == "rotate":
-            exact = torch.rand(n, generator=gen, device=dev) < 0.5
-            plane = torch.randint(0, 3, (n,), generator=gen, device=dev)
-            turns = torch.randint(1, 4, (n,), generator=gen, device=dev)
-            on_axis = torch.rand(n, 3, generator=gen, device=dev) < 0.5
-            angles = _uniform(gen, 3 * n, -math.pi / 6, math.pi / 6, dev).view(n, 3) * on_axis
-            free = chosen & ~exact
-            new = rotate90(out, chosen & exact, plane, turns)
-            if free.any():
-                new[free] = rotate_arbitrary(out[free], angles[free])
-            out = new
-            continue
-        # compute the transform on the chosen samples only (about half the work of a masked select)
-        sel = chosen.nonzero().squeeze(1)
+        # compute the transform on the chosen samples only
+        sel = drawn[name].nonzero().squeeze(1)
         if sel.numel() == 0:
             continue
         sub = out[sel]
         m = sel.numel()
-        if name == "colour":
+        if name == "rotate":
+            new = random_rotation(sub, gen)
+        elif name == "colour":
             new = colour_distort(sub, gen)
         elif name == "blur":
             new = gaussian_blur(sub, _uniform(gen, m, 0.5, 1.5, dev))

@@ -44,8 +44,9 @@ def command(
     exclude_background: Annotated[bool, typer.Option("--exclude-background", help="Leave class 0 out of the Dice loss.")] = False,
     dice_smooth: Annotated[float, typer.Option("--dice-smooth", help="Smoothing s of Eq. 2.")] = 1e-5,
     loss: Annotated[str, typer.Option(help="dice (Eq. 2) or dice-ce.")] = "dice",
-    dropout_encoder: Annotated[float, typer.Option("--dropout-encoder", help="Encoder dropout while training.")] = 0.0,
-    dropout_decoder: Annotated[float, typer.Option("--dropout-decoder", help="Decoder dropout while training.")] = 0.0,
+    dropout_encoder: Annotated[float, typer.Option("--dropout-encoder", help="Encoder dropout while training; MC-dropout prediction samples "
+                                                   "at the training rates (the paper's best: 0.3).")] = 0.3,
+    dropout_decoder: Annotated[float, typer.Option("--dropout-decoder", help="Decoder dropout while training (the paper's best: 0.0).")] = 0.0,
     size: Annotated[str, typer.Option("--size", help="Cache grid (128 in the paper).")] = "128",
     widths: Annotated[str, typer.Option("--widths", help="Channels per U-Net level; must match the encoder.")] = "16,32,64,128,256",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Volumes per step per GPU.")] = 2,
@@ -86,7 +87,11 @@ def command(
                         output=output, resume=resume, split_file=split, cache_root=cache_dir, evaluate_test=not no_test)
 
     def human(r: dict) -> None:
-        typer.echo(f"Model: {r['model']}  (best validation Dice {r['best_val_dice']:.3f} at epoch {r['best_epoch']}, {r['seconds']:.0f}s)")
+        used = r["labelled_used"]
+        chosen = (f"best selection Dice {r['best_val_dice']:.3f} at epoch {r['best_epoch']}" if r["best_val_dice"] is not None
+                  else f"last epoch {r['best_epoch']}, no selection scans")
+        typer.echo(f"Model: {r['model']}  ({chosen}; {used['training']} labelled scan(s) trained it, {used['selection']} selected it; "
+                   f"{r['seconds']:.0f}s)")
         if "test" in r:
             typer.echo(f"Test set ({r['test']['cases']} cases, table in {r['test']['metrics_json']}):")
             print_table({"mean": r["test"]["mean"], "class_names": r["test"]["class_names"], "regions": r["test"]["regions"]}, cases=False)

@@ -29,8 +29,10 @@ EPILOG = ("Examples: ssl3d predict scan.nii.gz --mc-samples 100 --vote borda  | 
 
 ModelOpt = Annotated[Path | None, typer.Option("--model", help="model.pt from `ssl3d finetune` (default: the newest fine-tuned run).")]
 McSamplesOpt = Annotated[int, typer.Option("--mc-samples", help="MC-dropout samples N (0 or 1: one deterministic pass). The paper: 100.")]
-DropEncOpt = Annotated[float, typer.Option("--dropout-encoder", help="Encoder dropout rate while sampling (paper's best 0.3).")]
-DropDecOpt = Annotated[float, typer.Option("--dropout-decoder", help="Decoder dropout rate while sampling (paper's best 0.0).")]
+DropEncOpt = Annotated[float | None, typer.Option("--dropout-encoder", help="Encoder dropout rate while sampling (default: the rate the "
+                                                  "model was trained with; another rate is noise injection and is warned about).")]
+DropDecOpt = Annotated[float | None, typer.Option("--dropout-decoder", help="Decoder dropout rate while sampling (default: the model's "
+                                                  "training rate).")]
 McBatchOpt = Annotated[int, typer.Option("--mc-batch", help="Samples per forward batch (0: chosen from free memory).")]
 ShardOpt = Annotated[str | None, typer.Option("--shard", help="I/N: every N-th input from I (array jobs).")]
 SplitOpt = Annotated[str | None, typer.Option("--split", help="'test': the held-out test cases of the model's fine-tuning run.")]
@@ -44,8 +46,8 @@ def command(
     vote: Annotated[str, typer.Option(help="majority | weighted | weighted-probs | borda | union | mean.")] = "majority",
     vote_weights: Annotated[str | None, typer.Option("--vote-weights", help="Per-class weights for weighted / weighted-probs, e.g. 1,2,2.")] = None,
     union_class: Annotated[list[str] | None, typer.Option("--union-class", help="Class for --vote union (name or value; repeat, first wins).")] = None,
-    dropout_encoder: DropEncOpt = 0.3,
-    dropout_decoder: DropDecOpt = 0.0,
+    dropout_encoder: DropEncOpt = None,
+    dropout_decoder: DropDecOpt = None,
     mc_batch: McBatchOpt = 0,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write mean class probabilities (4D NIfTI).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo cases whose output exists.")] = False,

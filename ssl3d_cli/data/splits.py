@@ -6,8 +6,9 @@ the demo and the experiments, always through this module. Format::
     {"format": "ssl3d-split", "dataset": NAME, "seed": S, "test_fraction": .., "val_fraction": ..,
      "label_fraction": .., "counts": {role: n}, "cases": {case_id: role}}
 
-with roles ``train``, ``val``, ``test``, ``unused`` (labelled cases the label fraction left out) and
-``unlabelled``.
+with roles ``train``, ``val`` (the scans that select the best epoch; both come from the label
+budget, see :func:`make_split`), ``test``, ``unused`` (labelled scans outside the budget) and
+``unlabelled``; ``labelled_used`` counts the budget's scans for training and for selection.
 """
 
 from __future__ import annotations
@@ -28,30 +29,40 @@ SPLIT_FILE = "split.json"
 ROLES = ("train", "val", "test", "unused")
 
 
-def make_split(labelled: list[str], *, seed: int, test_fraction: float, val_fraction: float, label_fraction: float) -> dict[str, list[str]]:
-    """Seeded, nested splits of the labelled cases.
+def selection_stride(val_fraction: float) -> int:
+    """Every k-th scan of a label budget is held back for model selection: k = round(1 / val_fraction) (0: none)."""
+    return max(2, math.floor(1.0 / val_fraction + 0.5)) if val_fraction > 0 else 0  # halves up; at most every 2nd scan selects
 
-    The test cases depend only on (seed, test_fraction, case list); the validation cases on the
-    rest; the training pool is ordered once by the seed and a label fraction takes its first
-    round(fraction * pool) cases (halves up), so smaller fractions are subsets of larger ones.
+
+def make_split(labelled: list[str], *, seed: int, test_fraction: float, val_fraction: float, label_fraction: float) -> dict[str, list[str]]:
+    """Seeded, nested splits of the labelled cases, where a label fraction is a budget of labelled scans.
+
+    The test cases depend only on (seed, test_fraction, case list). The rest (the pool) is ordered once
+    by the seed; label fraction f gives a budget of the first round(f * pool) scans (halves up), and
+    every labelled scan the run touches comes from that budget: within it every k-th scan
+    (k = round(1 / val_fraction), see :func:`selection_stride`) is held back to select the best
+    epoch, the others train. A budget smaller than k has no selection scans (the run keeps its last
+    epoch). Budgets, training sets and selection sets are each nested across fractions, and
+    fraction 1 uses the whole pool (e.g. 197 of the paper's 281 pancreas scans with 84 in test).
 
     Returns:
-        ``{role: [case_id, ...]}`` for the roles in :data:`ROLES`.
+        ``{role: [case_id, ...]}`` for the roles in :data:`ROLES` (``val``: the selection scans).
     """
     ids = sorted(labelled)
     rng = np.random.default_rng(seed)
     order = [ids[i] for i in rng.permutation(len(ids))]
     n_test = int(round(test_fraction * len(ids)))
-    test, rest = order[:n_test], order[n_test:]
-    n_val = int(round(val_fraction * len(rest)))
-    if val_fraction > 0 and n_val == 0 and len(rest) >= 3:
-        n_val = 1
-    val, pool = rest[:n_val], rest[n_val:]
-    n_train = math.floor(label_fraction * len(pool) + 0.5)
-    if n_train < 1:
-        raise ConfigError(f"--label-fraction {label_fraction}: leaves no training case ({len(pool)} case(s) in the training pool "
-                          f"would take {label_fraction * len(pool):.2f} case(s); use a fraction of at least {0.5 / max(len(pool), 1):.3f})")
-    return {"train": pool[:n_train], "val": val, "test": test, "unused": pool[n_train:]}
+    test, pool = order[:n_test], order[n_test:]
+    n_budget = math.floor(label_fraction * len(pool) + 0.5)
+    k = selection_stride(val_fraction)
+    budget = pool[:n_budget]
+    val = [c for i, c in enumerate(budget) if k and i % k == k - 1]
+    train = [c for i, c in enumerate(budget) if not (k and i % k == k - 1)]
+    if not train:
+        raise ConfigError(f"--label-fraction {label_fraction}: leaves no training case ({len(pool)} case(s) in the labelled pool "
+                          f"would give a budget of {label_fraction * len(pool):.2f} case(s); use a fraction of at least "
+                          f"{0.5 / max(len(pool), 1):.3f})")
+    return {"train": train, "val": val, "test": test, "unused": pool[n_budget:]}
 
 
 def write_split(path: Path, split: dict[str, list[str]], *, dataset_name: str, case_ids: Iterable[str], seed: int,
@@ -63,9 +74,15 @@ def write_split(path: Path, split: dict[str, list[str]], *, dataset_name: str, c
             roles[c] = role
     record: dict[str, Any] = {"format": SPLIT_FORMAT, "dataset": dataset_name, "seed": seed, "test_fraction": test_fraction,
                               "val_fraction": val_fraction, "label_fraction": label_fraction,
-                              "counts": {r: len(v) for r, v in split.items()}, "cases": roles}
+                              "counts": {r: len(v) for r, v in split.items()}, "labelled_used": labelled_used(split), "cases": roles}
     atomic_write_json(path, record)
     return path
+
+
+def labelled_used(split: dict[str, list[str]]) -> dict[str, int]:
+    """How many labelled scans a run touches: for training, for model selection, and together (the label budget)."""
+    n_train, n_selection = len(split["train"]), len(split["val"])
+    return {"training": n_train, "selection": n_selection, "total": n_train + n_selection}
 
 
 def _read_record(path: Path) -> dict[str, Any]:

@@ -10,7 +10,8 @@ nearest voxel, and only C maps are resampled once per scan, not N samples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from ssl3d_cli.inference.votes import VoteAccumulator, apply_union, decide
 from ssl3d_cli.models.unet import UNet
 from ssl3d_cli.runs import find_model
 from ssl3d_cli.runtime.device import Precision, resolve_device, resolve_precision, set_threads
+
+log = logging.getLogger("ssl3d")
 
 
 @dataclass
@@ -95,9 +98,40 @@ def prepare_case(seg: Segmenter, case: CaseSpec) -> tuple[torch.Tensor, CaseGeom
     return image, pre.geometry
 
 
+def sampling_rates(seg: Segmenter, mc: MCConfig, *, warn: bool = True) -> MCConfig:
+    """``mc`` with concrete dropout rates: the rates the model was trained with, unless ``mc`` names others.
+
+    MC dropout approximates Bayesian inference only at the rates the network was trained with (Gal &
+    Ghahramani); other rates are honoured (experiments compare them) with one warning line naming both.
+
+    Raises:
+        ConfigError: MC sampling asked of a model with no dropout anywhere (every sample would be identical).
+    """
+    trained = (seg.model.config.dropout_encoder, seg.model.config.dropout_decoder)
+    rates = (trained[0] if mc.dropout_encoder is None else mc.dropout_encoder, trained[1] if mc.dropout_decoder is None else mc.dropout_decoder)
+    if mc.stochastic:
+        if rates == (0.0, 0.0) and trained == (0.0, 0.0):
+            raise ConfigError(f"{seg.path}: the model was trained without dropout, so {mc.mc_samples} MC samples would all be the same pass; "
+                              "fine-tune with --dropout-encoder 0.3 (the paper's best), or give --dropout-encoder to sample anyway "
+                              "(noise injection, not MC dropout)")
+        if rates == (0.0, 0.0):
+            raise ConfigError(f"--dropout-encoder 0 --dropout-decoder 0 with --mc-samples {mc.mc_samples}: no dropout to sample, every pass "
+                              f"would be the same; leave the rates out to sample at the model's training rates ({trained[0]:g} / {trained[1]:g})")
+        if warn and rates != trained:
+            untrained = [part for part, rate, t in zip(("encoder", "decoder"), rates, trained) if rate > 0 and t == 0]
+            log.warning("sampling with dropout encoder %g / decoder %g, but the model was trained with encoder %g / decoder %g%s: "
+                        "MC dropout approximates the posterior only at the training rates", *rates, *trained,
+                        f" (the {' and '.join(untrained)} never saw dropout: noise injection there)" if untrained else "")
+    return replace(mc, dropout_encoder=rates[0], dropout_decoder=rates[1])
+
+
 def accumulate(seg: Segmenter, image: torch.Tensor, mc: MCConfig, *, track_entropy: bool = False,
                extra: Any = None) -> VoteAccumulator:
-    """Sample (or run once) and count votes. ``extra(probs)`` sees each batch too (uncertainty stores)."""
+    """Sample (or run once) and count votes. ``extra(probs)`` sees each batch too (uncertainty stores).
+
+    Dropout rates left as None in ``mc`` are the model's training rates (see :func:`sampling_rates`).
+    """
+    mc = sampling_rates(seg, mc, warn=False)
     weights = torch.tensor(mc.vote_weights, dtype=torch.float32) if mc.vote_weights else None
     acc = VoteAccumulator(seg.num_classes, weights=weights, track_entropy=track_entropy)
 

@@ -103,7 +103,8 @@ class UNet(nn.Module):
         return self.head(self.decoder(self.encoder(x)))
 
     def set_dropout(self, *, encoder: float | None = None, decoder: float | None = None) -> None:
-        """Set dropout rates by part (prediction-time rates are independent of training)."""
+        """Set dropout rates by part (None keeps the current rate). MC prediction sets the training rates
+        unless told otherwise (``inference.pipeline.sampling_rates``)."""
         for m in self.modules():
             if isinstance(m, LevelDropout):
                 rate = encoder if m.part == "encoder" else decoder

@@ -68,13 +68,15 @@ def demo(output: Path | str, *, preset: str = "default", device: str = "auto", s
     pre = pretrain(cache, config=PretrainConfig(epochs=p.pretrain_epochs, batch_size=4, patches_per_side=p.patches_per_side,
                                                 warmup_epochs=max(1, p.pretrain_epochs // 10), checkpoint_every=max(1, p.pretrain_epochs),
                                                 workers=0, model=model, temperature=0.1), runtime=runtime, output=out / "runs" / "pretrain")
+    # fine-tuning trains with the encoder dropout that MC prediction samples with (the paper's 0.3/0.0); pretraining has none
+    ft_model = ModelConfig(widths=p.widths, dropout_encoder=0.3, dropout_decoder=0.0)
     ft_common = dict(epochs=p.finetune_epochs, freeze_epochs=p.freeze_epochs, label_fraction=p.label_fraction, batch_size=2,
                      workers=0, learning_rate=3e-3, warmup_epochs=2, val_fraction=0.2, checkpoint_every=p.finetune_epochs)
     log.info("[4/7] Fine-tuning from the SimCLR encoder at label fraction %g", p.label_fraction)
-    ssl = finetune(cache, encoder=Path(pre["encoder"]), config=FinetuneConfig(model=model, **ft_common), runtime=runtime,
+    ssl = finetune(cache, encoder=Path(pre["encoder"]), config=FinetuneConfig(model=ft_model, **ft_common), runtime=runtime,
                    output=out / "runs" / "finetune-simclr", evaluate_test=False)
     log.info("[5/7] Fine-tuning from scratch (the baseline) on the same split")
-    base = finetune(cache, config=FinetuneConfig(model=model, from_scratch=True, **ft_common), runtime=runtime,
+    base = finetune(cache, config=FinetuneConfig(model=ft_model, from_scratch=True, **ft_common), runtime=runtime,
                     output=out / "runs" / "finetune-scratch", evaluate_test=False, split_file=out / "runs" / "finetune-simclr" / SPLIT_FILE)
     log.info("[6/7] Predicting the test cases: deterministic and %d MC-dropout samples (majority vote)", p.mc_samples)
     test_ids = split_cases(out / "runs" / "finetune-simclr" / SPLIT_FILE, "test")

@@ -1,4 +1,4 @@
-"""``ssl3d evaluate PREDICTIONS LABELS``: Dice / HD95 per case and mean, in original label values."""
+"""``ssl3d evaluate PREDICTIONS LABELS``: Dice / HD95 / NSD per case and mean, in original label values."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 from ssl3d_cli.data.cache import Cache
 from ssl3d_cli.data.datasets import discover_dataset, evaluation_regions
 from ssl3d_cli.data.nifti import GEOMETRY_ATOL_MM, is_nifti, spacing_from_affine, strip_nifti_suffix
-from ssl3d_cli.errors import InputDataError
+from ssl3d_cli.errors import ConfigError, InputDataError
 from ssl3d_cli.files import atomic_write_text
-from ssl3d_cli.metrics import case_metrics, mean_metrics
+from ssl3d_cli.metrics import DEFAULT_NSD_TOLERANCE_MM, case_metrics, conventions, mean_metrics
 from ssl3d_cli.runtime import progress
 
 log = logging.getLogger("ssl3d")
@@ -48,20 +48,34 @@ def evaluate(
     *,
     csv_path: Path | None = None,
     with_hd95: bool = True,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     label_values: list[int] | None = None,
     class_names: list[str] | None = None,
     regions: dict[str, list[int]] | None = None,
     case_ids: list[str] | None = None,
+    probabilities: Path | str | None = None,
+    uncertainty: Path | str | None = None,
+    reliability_figure: Path | str | None = None,
 ) -> dict[str, Any]:
     """Compare every prediction with its label (matched by case name).
 
     Args:
         predictions: folder of ``<case>.nii.gz``.
         labels: a dataset folder, a folder of label files, or a cache.
+        with_hd95: also the surface metrics, HD95 (mm) and NSD; False gives Dice only (both surface metrics share
+            the distance maps, the slow part).
+        nsd_tolerance_mm: tolerance of the normalised surface Dice, in mm.
         case_ids: evaluate only these cases (e.g. a test split).
+        probabilities: folder of ``<case>_probabilities.nii.gz`` (``predict --save-probabilities``): adds per-case ECE,
+            Brier and NLL over the scan and the region of interest, pooled values, and a reliability diagram.
+        uncertainty: folder of ``<case>_entropy.nii.gz`` (``ssl3d uncertainty``): adds the uncertainty-error overlap.
+        reliability_figure: where the reliability diagram goes (default ``PREDICTIONS/reliability.png``).
     Returns:
-        {"cases": [row per case], "mean": {...}, "class_names": [...], "missing": [...]}.
+        {"cases": [row per case], "mean": {...}, "class_names": [...], "missing": [...], "conventions": {...}}; a row
+        holds dice_<name>, hd95_<name> (mm), nsd_<name> per class and region, and dice_mean_fg.
     """
+    if not nsd_tolerance_mm >= 0:
+        raise ConfigError(f"--nsd-tolerance {nsd_tolerance_mm}: the NSD tolerance must be a distance >= 0 mm")
     predictions, labels = Path(predictions).expanduser(), Path(labels).expanduser()
     for p, what in ((predictions, "predictions"), (labels, "labels")):
         if not p.is_dir():
@@ -86,6 +100,7 @@ def evaluate(
         values = sorted(found)
     if names is None or len(names) != len(values):
         names = ["background"] + [f"label{v}" for v in values[1:]]
+    quality = UncertaintyQuality(values, probabilities=probabilities, uncertainty=uncertainty)
     rows = []
     with progress.task("Evaluating", total=len(matched)) as bar:
         for cid in matched:
@@ -96,27 +111,104 @@ def evaluate(
             pred = np.rint(np.asarray(p_img.dataobj)).astype(np.int64).reshape(p_img.shape[:3])
             truth = np.rint(np.asarray(t_img.dataobj)).astype(np.int64).reshape(t_img.shape[:3])
             row = {"case": cid, **case_metrics(pred, truth, label_values=values, class_names=names,
-                                               spacing_mm=spacing_from_affine(t_img.affine), regions=regions, with_hd95=with_hd95)}
+                                               spacing_mm=spacing_from_affine(t_img.affine), regions=regions, with_hd95=with_hd95,
+                                               nsd_tolerance_mm=nsd_tolerance_mm)}
+            row.update(quality.case(cid, pred, truth, t_img, label_files[cid]))
             rows.append(row)
             bar.advance(1)
     mean = mean_metrics([{k: v for k, v in r.items() if k != "case"} for r in rows])
     result = {"cases": rows, "mean": mean, "class_names": names, "label_values": values, "regions": regions,
-              "missing": missing, "evaluated": len(rows)}
+              "missing": missing, "evaluated": len(rows), "conventions": conventions(nsd_tolerance_mm, with_surface=with_hd95)}
+    result.update(quality.summary(reliability_figure or predictions / "reliability.png"))
     if csv_path is not None:
         write_csv(result, Path(csv_path))
         result["csv"] = str(csv_path)
     return result
 
 
+class UncertaintyQuality:
+    """Calibration of the saved mean probabilities and overlap of the uncertainty maps with the errors, case by case
+    and pooled (conventions in :mod:`ssl3d_cli.calibration`)."""
+
+    def __init__(self, label_values: list[int], *, probabilities: Path | str | None, uncertainty: Path | str | None) -> None:
+        from ssl3d_cli.calibration import CalibrationAccumulator
+
+        self.label_values = list(label_values)
+        self.probabilities = Path(probabilities).expanduser() if probabilities else None
+        self.uncertainty = Path(uncertainty).expanduser() if uncertainty else None
+        for folder, flag in ((self.probabilities, "--probabilities"), (self.uncertainty, "--uncertainty")):
+            if folder is not None and not folder.is_dir():
+                raise InputDataError(f"{folder}: {flag} folder not found")
+        self.whole, self.roi = CalibrationAccumulator(), CalibrationAccumulator()
+        # entropy in nats lies in [0, log C]: one threshold grid for every case, so the overlap pools exactly
+        self.thresholds = np.linspace(0.0, float(np.log(max(len(self.label_values), 2))), 50)
+        self.overlap: Any = None
+
+    def _map(self, folder: Path, cid: str, suffix: str, t_img: Any, flag: str) -> np.ndarray:
+        path = folder / f"{cid}_{suffix}.nii.gz"
+        if not path.exists():
+            raise InputDataError(f"case {cid}: {path} not found; {flag} must hold a {suffix} map for every evaluated case")
+        img = nib.load(str(path))
+        if img.shape[:3] != t_img.shape[:3] or not np.allclose(img.affine, t_img.affine, atol=GEOMETRY_ATOL_MM):
+            raise InputDataError(f"case {cid}: {path} has shape {img.shape[:3]} / affine unlike the label {t_img.shape[:3]}; "
+                                 "maps must lie on the label's grid")
+        return np.asarray(img.dataobj, dtype=np.float32)
+
+    def case(self, cid: str, pred: np.ndarray, truth: np.ndarray, t_img: Any, label_path: Path) -> dict[str, float]:
+        """Calibration (and overlap) figures of one case; ``pred``/``truth`` (X, Y, Z) in label values."""
+        if self.probabilities is None and self.uncertainty is None:
+            return {}
+        from ssl3d_cli.calibration import case_calibration, uncertainty_error_overlap
+        from ssl3d_cli.data.preprocessing import map_labels
+
+        truth_index = map_labels(truth, self.label_values, str(label_path))
+        out: dict[str, float] = {}
+        if self.probabilities is not None:
+            probs = self._map(self.probabilities, cid, "probabilities", t_img, "--probabilities")
+            if probs.ndim != 4 or probs.shape[3] != len(self.label_values):
+                raise InputDataError(f"case {cid}: the probability map has shape {probs.shape}; expected (X, Y, Z, {len(self.label_values)}) "
+                                     "as `ssl3d predict --save-probabilities` writes")
+            values, whole, roi = case_calibration(np.moveaxis(probs, -1, 0), truth_index, spacing_mm=spacing_from_affine(t_img.affine))
+            self.whole.add(whole)
+            self.roi.add(roi)
+            out.update(values)
+        if self.uncertainty is not None:
+            entropy = self._map(self.uncertainty, cid, "entropy", t_img, "--uncertainty").reshape(truth.shape)
+            overlap = uncertainty_error_overlap(entropy, map_labels(pred, self.label_values, f"prediction of {cid}"), truth_index,
+                                                thresholds=self.thresholds)
+            self.overlap = overlap if self.overlap is None else self.overlap + overlap
+            out.update(uncertainty_error_dice=overlap.best_dice, uncertainty_threshold=overlap.best_threshold)
+        return out
+
+    def summary(self, figure_path: Path | str) -> dict[str, Any]:
+        """Pooled figures (all voxels of all cases together) beside the case means, and the reliability diagram."""
+        out: dict[str, Any] = {}
+        if self.probabilities is not None:
+            from ssl3d_cli.calibration import reliability_figure
+
+            out["calibration"] = {"scan": self.whole.summary(), "region_of_interest": self.roi.summary(),
+                                  "conventions": "top-label ECE, 15 equal-width bins; multi-class Brier summed over classes; NLL in nats; "
+                                                 "region of interest: bounding box of truth and predicted foreground + 10 mm"}
+            out["reliability_figure"] = str(reliability_figure(self.roi.bins(), figure_path,
+                                                               title="Reliability (region of interest, all cases pooled)"))
+        if self.overlap is not None:
+            out["uncertainty_error"] = {"best_dice": self.overlap.best_dice, "threshold_nats": self.overlap.best_threshold,
+                                        "conventions": "Dice of (entropy > t) with (prediction != truth), t swept over 50 values in [0, ln C]"}
+        return out
+
+
 def to_csv_text(result: dict[str, Any]) -> str:
+    """Per-case rows then a ``mean`` row; with NSD columns, a last ``nsd_tolerance_mm`` column says their tolerance."""
     rows = result["cases"]
     keys = list(rows[0].keys())
+    tolerance = (result.get("conventions") or {}).get("nsd_tolerance_mm")
+    extra = {"nsd_tolerance_mm": tolerance} if tolerance is not None and any(k.startswith("nsd_") for k in keys) else {}
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer = csv.DictWriter(buf, fieldnames=keys + list(extra))
     writer.writeheader()
     for r in rows:
-        writer.writerow(r)
-    writer.writerow({"case": "mean", **result["mean"]})
+        writer.writerow({**r, **extra})
+    writer.writerow({"case": "mean", **result["mean"], **extra})
     return buf.getvalue()
 
 

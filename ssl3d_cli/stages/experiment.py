@@ -3,9 +3,20 @@
 ``label-fractions`` (Figures 1-2): for each label fraction and repetition (seed), fine-tune from the
 SimCLR encoder and from scratch on the same seeded split, evaluate on the fixed test cases.
 
-``mc-dropout`` (Figures 3-6): for the same models, deterministic vs MC dropout, dropout on the
-encoder / decoder / both, encoder rates 0.1-0.5, and every vote rule. One MC run per (model, case,
-dropout setting) serves every vote rule, since all rules come from the same running sums.
+``mc-dropout`` (Figures 3-6). Every model is trained with dropout at the rates it is sampled with
+(MC dropout approximates Bayesian inference only then):
+
+- Figure 3 (``deterministic`` vs ``site`` rows of the base model) and Figure 6 (vote rules): the
+  label-fractions models, trained with encoder dropout 0.3 / decoder 0.0 (``trained_encoder`` /
+  ``trained_decoder``), one deterministic pass (sampled rates 0/0) vs N samples at those rates.
+- Figure 4 (``site`` rows of models trained 0.3/0.3, SimCLR): one more model per run trained with
+  dropout 0.3 in encoder AND decoder, sampled with dropout in the encoder only / the decoder only / both.
+- Figure 5 (``rate``, SimCLR models): one model per encoder rate 0.1, 0.2, 0.4, 0.5 (0.3 is the
+  Figure-3 model), trained and sampled at that rate (decoder 0).
+
+Each row also has the calibration of the mean probabilities (ECE over the whole scan and a region
+around truth and prediction, Brier score). One MC run per (model, case, dropout setting) serves every
+vote rule, since all rules come from the same running sums.
 
 Each run writes ``row(s).json`` in its own folder; finished runs are skipped, ``--shard I/N`` takes
 every N-th run, and ``--collect`` (or any unsharded call) merges ``results.csv``, ``summary.json``
@@ -24,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from ssl3d_cli.calibration import CASE_KEYS as CALIBRATION_KEYS
+from ssl3d_cli.calibration import case_calibration
 from ssl3d_cli.config import VOTE_RULES, FinetuneConfig, MCConfig, ModelConfig, PreprocessConfig, PretrainConfig, RuntimeConfig
 from ssl3d_cli.data.shards import parse_shard
 from ssl3d_cli.data.splits import SPLIT_FILE, split_cases
@@ -55,8 +68,18 @@ class Settings:
         return cls(128, (16, 32, 64, 128, 256), 4, 1000, 400, 25, 100, 2)
 
 
-def _run_id(method: str, fraction: float, seed: int) -> str:
-    return f"{method}-f{fraction:g}-s{seed}"
+#: Dropout rates (encoder, decoder) every fine-tuned model of the experiments is trained with: the paper's best.
+BASE_DROPOUT = (0.3, 0.0)
+#: Figure 4: trained with both, sampled at each site.
+SITE_TRAINED = (0.3, 0.3)
+SITE_SAMPLED = ((0.3, 0.0), (0.0, 0.3), (0.3, 0.3))
+#: Figure 5: encoder rates, each its own model (0.3 is the base model).
+RATES = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def _run_id(method: str, fraction: float, seed: int, dropout: tuple[float, float] = BASE_DROPOUT) -> str:
+    base = f"{method}-f{fraction:g}-s{seed}"
+    return base if dropout == BASE_DROPOUT else f"{base}-enc{dropout[0]:g}-dec{dropout[1]:g}"
 
 
 def _ensure_encoder(dataset: Path, out: Path, s: Settings, runtime: RuntimeConfig, encoder: Path | None, sharded: bool,
@@ -79,15 +102,31 @@ def _ensure_encoder(dataset: Path, out: Path, s: Settings, runtime: RuntimeConfi
     return path
 
 
+def _check_reusable(run_dir: Path, dropout: tuple[float, float]) -> None:
+    """Refuse to reuse a finished run that was trained otherwise than this experiment says (e.g. by an older ssl3d,
+    which trained without dropout and validated outside the label budget)."""
+    import torch
+
+    model = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True).get("model", {})
+    trained = (model.get("dropout_encoder"), model.get("dropout_decoder"))
+    split = json.loads((run_dir / SPLIT_FILE).read_text()) if (run_dir / SPLIT_FILE).exists() else {}
+    if trained != dropout or "labelled_used" not in split:
+        raise ConfigError(f"{run_dir}: a finished run trained with dropout {trained[0]} / {trained[1]}"
+                          f"{'' if 'labelled_used' in split else ' and validation outside the label budget'} (an older ssl3d?); "
+                          f"this experiment trains with {dropout[0]:g} / {dropout[1]:g} in the budget: use a new -o")
+
+
 def _train(dataset: Path, run_dir: Path, *, method: str, fraction: float, seed: int, s: Settings, runtime: RuntimeConfig, encoder: Path,
-           cache_root: Path | None) -> dict[str, Any]:
-    """Fine-tune one model (or reuse a finished one) and return its test table."""
+           cache_root: Path | None, dropout: tuple[float, float] = BASE_DROPOUT) -> dict[str, Any]:
+    """Fine-tune one model with dropout ``(encoder, decoder)`` (or reuse a finished one) and return its test table."""
     from ssl3d_cli.stages.finetune import finetune
 
     if (run_dir / "test_metrics.json").exists() and (run_dir / "model.pt").exists():
+        _check_reusable(run_dir, dropout)
         return json.loads((run_dir / "test_metrics.json").read_text())
     config = FinetuneConfig(epochs=s.finetune_epochs, freeze_epochs=s.freeze_epochs, label_fraction=fraction, batch_size=s.batch_size,
-                            from_scratch=method == "scratch", workers=0 if s.size <= 32 else 2, model=ModelConfig(widths=s.widths),
+                            from_scratch=method == "scratch", workers=0 if s.size <= 32 else 2,
+                            model=ModelConfig(widths=s.widths, dropout_encoder=dropout[0], dropout_decoder=dropout[1]),
                             learning_rate=3e-3 if s.size <= 32 else 1e-3, val_fraction=0.2 if s.size <= 32 else 0.1)
     resume = (run_dir / "last.pt").exists()
     result = finetune(dataset, encoder=None if method == "scratch" else encoder, config=config, runtime=RuntimeConfig(**{**runtime.to_dict(), "seed": seed}),
@@ -97,47 +136,80 @@ def _train(dataset: Path, run_dir: Path, *, method: str, fraction: float, seed: 
     return table
 
 
-def _mc_rows(model_path: Path, test_ids: list[str], cache_dir: Path, *, s: Settings, runtime: RuntimeConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Dice of every MC setting and vote rule on the test cases of one model.
+def _models(run_dir: Path, method: str) -> list[tuple[str, Path, tuple[float, float], list[tuple[float, float]]]]:
+    """(setting, run folder, trained rates, sampled rates) of one mc-dropout run: what each figure trains and samples."""
+    base = [("site", run_dir, BASE_DROPOUT, [BASE_DROPOUT])]
+    if method != "simclr":  # Figures 4 and 5 are drawn for the SimCLR models (as in the paper)
+        return base
+    site = [("site", run_dir.with_name(f"{run_dir.name}-enc{SITE_TRAINED[0]:g}-dec{SITE_TRAINED[1]:g}"), SITE_TRAINED, list(SITE_SAMPLED))]
+    rates = [("rate", run_dir.with_name(f"{run_dir.name}-enc{r:g}-dec0"), (r, 0.0), [(r, 0.0)]) for r in RATES if (r, 0.0) != BASE_DROPOUT]
+    return base + site + rates
 
-    Each case is prepared once and each MC setting sampled once; every vote rule is read from the
-    same samples, through the functions ``ssl3d predict`` uses (:func:`vote_case`, :func:`segmentation`).
+
+def _score(seg: Any, votes: Any, truth: np.ndarray, truth_index: np.ndarray, rules: tuple[str, ...], spacing_mm: tuple[float, ...]) -> dict[str, Any]:
+    """Dice per class for each rule, and the calibration of the mean probabilities (the same for every rule)."""
+    from ssl3d_cli.inference.pipeline import segmentation
+    from ssl3d_cli.metrics import dice
+
+    label_values = seg.dataset.label_values
+    calib, _, _ = case_calibration(votes.mean_prob().numpy(), truth_index, spacing_mm=spacing_mm)
+    out: dict[str, Any] = {"calibration": calib, "dice": {}}
+    for rule in rules:
+        union = [seg.num_classes - 1] if rule == "union" else []  # the smallest structure (tumour / lesion)
+        labels = segmentation(seg, votes, rule, union)
+        out["dice"][rule] = [dice(labels == v, truth == v) for v in label_values[1:]]
+    return out
+
+
+def _mc_rows(run_dir: Path, method: str, test_ids: list[str], cache_dir: Path, *, s: Settings, runtime: RuntimeConfig,
+             base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Dice and calibration of every MC setting and vote rule on the test cases of one run's models.
+
+    Each case is prepared once per model and each dropout setting sampled once; every vote rule is
+    read from the same samples, through the functions ``ssl3d predict`` uses (:func:`vote_case`,
+    :func:`segmentation`).
     """
     import nibabel as nib
 
     from ssl3d_cli.data.cache import Cache
-    from ssl3d_cli.inference.pipeline import open_segmenter, prepare_case, segmentation, vote_case
-    from ssl3d_cli.metrics import dice
+    from ssl3d_cli.data.nifti import spacing_from_affine
+    from ssl3d_cli.data.preprocessing import map_labels
+    from ssl3d_cli.inference.pipeline import open_segmenter, prepare_case, vote_case
 
-    seg = open_segmenter(model_path, runtime)
-    label_values = seg.dataset.label_values
     cache = Cache(cache_dir)
-    weights = tuple([1.0] + [2.0] * (seg.num_classes - 1))  # the paper: background 1, pancreas 2, tumour 2
-    settings = [("deterministic", 0.0, 0.0, ("majority",))]
-    settings += [("site", 0.3, 0.0, VOTE_RULES), ("site", 0.0, 0.3, ("majority",)), ("site", 0.3, 0.3, ("majority",))]
-    settings += [("rate", r, 0.0, ("majority",)) for r in (0.1, 0.2, 0.4, 0.5)]
-    per: dict[tuple, list[list[float]]] = {}
-    for cid in test_ids:
-        truth = np.asarray(nib.load(str(cache.label_source(cid))).dataobj).astype(np.int64)
-        image, geometry = prepare_case(seg, cache.case_spec(cid))
-        for group, enc, dec, rules in settings:
-            mc = MCConfig(mc_samples=0 if group == "deterministic" else s.mc_samples, dropout_encoder=enc, dropout_decoder=dec,
-                          vote_weights=weights, seed=base["seed"])
-            votes = vote_case(seg, image, geometry, mc)
-            for rule in rules:
-                union = [seg.num_classes - 1] if rule == "union" else []  # the smallest structure (tumour / lesion)
-                labels = segmentation(seg, votes, rule, union)
-                per.setdefault((group, enc, dec, rule), []).append([dice(labels == v, truth == v) for v in label_values[1:]])
+    per: dict[tuple, list[dict[str, Any]]] = {}
+    for setting, model_dir, trained, sampled in _models(run_dir, method):
+        seg = open_segmenter(model_dir / "model.pt", runtime)
+        trained = (seg.model.config.dropout_encoder, seg.model.config.dropout_decoder)  # what the model file says, not the plan
+        weights = tuple([1.0] + [2.0] * (seg.num_classes - 1))  # the paper: background 1, pancreas 2, tumour 2
+        passes: list[tuple[str, tuple[float, float], int, tuple[str, ...]]] = [(setting, rates, s.mc_samples, ("majority",)) for rates in sampled]
+        if model_dir == run_dir:  # the base model: Figures 3 and 6
+            passes = [("deterministic", (0.0, 0.0), 0, ("majority",)), ("site", trained, s.mc_samples, VOTE_RULES)]
+        for cid in test_ids:
+            label_img = nib.load(str(cache.label_source(cid)))
+            truth = np.asarray(label_img.dataobj).astype(np.int64)
+            truth_index = map_labels(truth, list(seg.dataset.label_values), str(cache.label_source(cid)))
+            spacing = spacing_from_affine(label_img.affine)
+            image, geometry = prepare_case(seg, cache.case_spec(cid))
+            for name, (enc, dec), n, rules in passes:
+                mc = MCConfig(mc_samples=n, dropout_encoder=enc, dropout_decoder=dec, vote_weights=weights, seed=base["seed"])
+                scores = _score(seg, vote_case(seg, image, geometry, mc), truth, truth_index, rules, spacing)
+                for rule in rules:
+                    key = (name, trained, enc, dec, rule)
+                    per.setdefault(key, []).append({"dice": scores["dice"][rule], **scores["calibration"]})
     rows = []
-    for (group, enc, dec, rule), scores in per.items():
-        mean = np.mean(scores, axis=0)
-        row = {**base, "setting": group, "dropout_encoder": enc, "dropout_decoder": dec, "vote": rule}
-        row.update({f"dice_{n}": float(v) for n, v in zip(seg.dataset.class_names[1:], mean)})
+    class_names = seg.dataset.class_names
+    for (name, trained, enc, dec, rule), cases in per.items():
+        mean = np.mean([c["dice"] for c in cases], axis=0)
+        row = {**base, "setting": name, "trained_encoder": trained[0], "trained_decoder": trained[1], "dropout_encoder": enc,
+               "dropout_decoder": dec, "vote": rule}
+        row.update({f"dice_{n}": float(v) for n, v in zip(class_names[1:], mean)})
         row["dice_mean_fg"] = float(mean.mean())
+        row.update({k: float(np.nanmean([c[k] for c in cases])) for k in CALIBRATION_KEYS})
         rows.append(row)
-    # "rate" 0.3 is the "site" encoder-only run: repeat it under "rate" so the rate curve is complete
-    rows += [{**r, "setting": "rate"} for r in rows if r["setting"] == "site" and r["dropout_encoder"] == 0.3 and r["dropout_decoder"] == 0.0
-             and r["vote"] == "majority"]
+    # the base model sampled at its own rate 0.3 is the rate curve's 0.3 point
+    rows += [{**r, "setting": "rate"} for r in rows if method == "simclr" and r["setting"] == "site" and r["vote"] == "majority"
+             and (r["trained_encoder"], r["trained_decoder"]) == BASE_DROPOUT]
     return rows
 
 
@@ -186,12 +258,18 @@ def experiment(
                     continue
                 table = _train(dataset, run_dir, method=method, fraction=fraction, seed=run_seed, s=s, runtime=runtime, encoder=enc,
                                cache_root=cache_root)
+                used = table.get("labelled_used") or {}
                 base = {"experiment": name, "method": method, "fraction": fraction, "seed": run_seed,
-                        "train_cases": len(split_cases(run_dir / SPLIT_FILE, "train")), "train_seconds": table.get("train_seconds")}
+                        "train_cases": len(split_cases(run_dir / SPLIT_FILE, "train")), "selection_cases": used.get("selection"),
+                        "train_seconds": table.get("train_seconds")}
                 if name == "label-fractions":
-                    rows = [{**base, "setting": "deterministic", **{k: v for k, v in table["mean"].items() if k.startswith("dice")}}]
+                    rows = [{**base, "setting": "deterministic", "trained_encoder": BASE_DROPOUT[0], "trained_decoder": BASE_DROPOUT[1],
+                             **{k: v for k, v in table["mean"].items() if k.startswith("dice")}}]
                 else:
-                    rows = _mc_rows(run_dir / "model.pt", split_cases(run_dir / SPLIT_FILE, "test"), cache.root, s=s, runtime=runtime, base=base)
+                    for _, model_dir, trained, _ in _models(run_dir, method)[1:]:
+                        _train(dataset, model_dir, method=method, fraction=fraction, seed=run_seed, s=s, runtime=runtime, encoder=enc,
+                               cache_root=cache_root, dropout=trained)
+                    rows = _mc_rows(run_dir, method, split_cases(run_dir / SPLIT_FILE, "test"), cache.root, s=s, runtime=runtime, base=base)
                 atomic_write_json(rows_path, rows)
                 bar.advance(1)
     if count > 1 and not collect_only:
@@ -222,16 +300,31 @@ def collect(name: str, out: Path, *, quick: bool) -> dict[str, Any]:
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std of the foreground Dice over seeds, per (method, fraction, setting, dropout, vote)."""
-    groups: dict[tuple, list[float]] = {}
+    """Mean and std over seeds of the foreground Dice (and the calibration figures where present), per
+    (method, fraction, setting, trained rates, sampled rates, vote)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r["method"], r["fraction"], r["setting"], r.get("dropout_encoder", 0.0), r.get("dropout_decoder", 0.0), r.get("vote", "deterministic"))
-        groups.setdefault(key, []).append(r["dice_mean_fg"])
+        key = (r["method"], r["fraction"], r["setting"], r.get("trained_encoder"), r.get("trained_decoder"),
+               r.get("dropout_encoder", 0.0), r.get("dropout_decoder", 0.0), r.get("vote", "deterministic"))
+        groups.setdefault(key, []).append(r)
     out = []
-    for (method, fraction, setting, enc, dec, vote), vals in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
-        out.append({"method": method, "fraction": fraction, "setting": setting, "dropout_encoder": enc, "dropout_decoder": dec, "vote": vote,
-                    "dice_mean_fg": float(np.mean(vals)), "dice_std": float(np.std(vals)), "n": len(vals)})
+    for key, group in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        method, fraction, setting, t_enc, t_dec, enc, dec, vote = key
+        dice_vals = [r["dice_mean_fg"] for r in group]
+        entry = {"method": method, "fraction": fraction, "setting": setting, "trained_encoder": t_enc, "trained_decoder": t_dec,
+                 "dropout_encoder": enc, "dropout_decoder": dec, "vote": vote, "dice_mean_fg": float(np.mean(dice_vals)),
+                 "dice_std": float(np.std(dice_vals)), "n": len(group)}
+        for k in CALIBRATION_KEYS:
+            vals = [r[k] for r in group if r.get(k) is not None]
+            if vals:
+                entry[k], entry[f"{k}_std"] = float(np.nanmean(vals)), float(np.nanstd(vals))
+        out.append(entry)
     return out
+
+
+def _base_site(r: dict[str, Any]) -> bool:
+    """A row of the base model (trained 0.3/0.0) sampled at its training rates."""
+    return r["setting"] == "site" and (r["trained_encoder"], r["trained_decoder"]) == BASE_DROPOUT
 
 
 def draw_plots(name: str, summary: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -261,14 +354,14 @@ def draw_plots(name: str, summary: list[dict[str, Any]], out: Path) -> list[Path
         fig, axes = plt.subplots(1, 4, figsize=(18, 4))
         fractions = sorted({r["fraction"] for r in summary})
         for ax, (title, select, xlab) in zip(axes, [
-            ("Deterministic vs MC (Fig. 3)", lambda r: (r["setting"] == "deterministic") or (r["setting"] == "site" and r["dropout_encoder"] == 0.3
-                                                                                                and r["dropout_decoder"] == 0.0 and r["vote"] == "majority"),
-             lambda r: f"{'SimCLR' if r['method'] == 'simclr' else 'baseline'} {'MC' if r['setting'] != 'deterministic' else 'det'}"),
-            ("Dropout site (Fig. 4)", lambda r: r["setting"] == "site" and r["vote"] == "majority" and r["method"] == "simclr",
+            ("Deterministic vs MC (Fig. 3)", lambda r: r["setting"] == "deterministic" or (_base_site(r) and r["vote"] == "majority"),
+             lambda r: f"{'SimCLR' if r['method'] == 'simclr' else 'baseline'} {'MC' if r['setting'] == 'site' else 'det'}"),
+            ("Dropout site (Fig. 4; trained 0.3/0.3)", lambda r: r["setting"] == "site" and r["method"] == "simclr"
+             and (r["trained_encoder"], r["trained_decoder"]) == SITE_TRAINED,
              lambda r: {(0.3, 0.0): "encoder", (0.0, 0.3): "decoder", (0.3, 0.3): "both"}[(r["dropout_encoder"], r["dropout_decoder"])]),
-            ("Encoder dropout rate (Fig. 5)", lambda r: r["setting"] == "rate" and r["method"] == "simclr", lambda r: f"{r['dropout_encoder']:g}"),
-            ("Vote rule (Fig. 6)", lambda r: r["setting"] == "site" and r["dropout_encoder"] == 0.3 and r["dropout_decoder"] == 0.0
-             and r["method"] == "simclr", lambda r: r["vote"]),
+            ("Encoder dropout rate (Fig. 5; trained = sampled)", lambda r: r["setting"] == "rate" and r["method"] == "simclr",
+             lambda r: f"{r['dropout_encoder']:g}"),
+            ("Vote rule (Fig. 6)", lambda r: _base_site(r) and r["method"] == "simclr", lambda r: r["vote"]),
         ]):
             width = 0.8 / max(len(fractions), 1)
             for i, f in enumerate(fractions):

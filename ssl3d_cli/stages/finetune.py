@@ -21,7 +21,7 @@ from ssl3d_cli import checkpoints
 from ssl3d_cli.augment.segmentation import augment_pair
 from ssl3d_cli.config import FinetuneConfig, MCConfig, PreprocessConfig, RuntimeConfig
 from ssl3d_cli.data.cache import Cache
-from ssl3d_cli.data.splits import SPLIT_FILE, make_split, read_split, write_split
+from ssl3d_cli.data.splits import SPLIT_FILE, labelled_used, make_split, read_split, selection_stride, write_split
 from ssl3d_cli.data.summary import DatasetSummary
 from ssl3d_cli.errors import CheckpointError, ConfigError, InputDataError
 from ssl3d_cli.files import atomic_write_bytes, atomic_write_json
@@ -81,9 +81,12 @@ def validation_dice(model: torch.nn.Module, cases: list[tuple[torch.Tensor, np.n
     return fg, per_class
 
 
-def segmenter_payload(model: torch.nn.Module, dataset: DatasetSummary, *, config: FinetuneConfig, epoch: int, val_dice: float,
+def segmenter_payload(model: torch.nn.Module, dataset: DatasetSummary, *, config: FinetuneConfig, epoch: int, val_dice: float | None,
                       encoder_path: str | None) -> dict[str, Any]:
-    """What ``model.pt`` holds: plain types and tensors only."""
+    """What ``model.pt`` holds: plain types and tensors only (``val_dice`` None: the last epoch, no selection scans).
+
+    ``model`` records the dropout rates it was trained with: prediction samples at them by default.
+    """
     net = unwrap(model)
     return {
         "model": net.config.to_dict(),
@@ -99,7 +102,8 @@ def segmenter_payload(model: torch.nn.Module, dataset: DatasetSummary, *, config
 
 class SegmentationRecipe(Recipe):
     """Fine-tuning as a :class:`TrainingRun` recipe: weighted soft Dice per step, the encoder frozen for the
-    first ``freeze_epochs``, validation Dice after each epoch and ``model.pt`` whenever it improves."""
+    first ``freeze_epochs``, and model selection: with selection scans, their Dice after each epoch and
+    ``model.pt`` whenever it improves; without (a small label budget), ``model.pt`` of the last epoch."""
 
     description = "Fine-tuning"
     shown = ("loss", "val_dice", "lr")
@@ -114,7 +118,7 @@ class SegmentationRecipe(Recipe):
         self.oom_hint = f"lower --batch-size (now {config.batch_size}) or --size on {ctx.device}"
         self.weights = torch.tensor(config.class_weights, dtype=torch.float32, device=ctx.device) if config.class_weights else None
         self.loss_fn = dice_ce_loss if config.loss == "dice-ce" else soft_dice_loss
-        self.val_cases = load_validation_cases(cache, split["val"] or split["train"]) if ctx.dist.is_main else []
+        self.val_cases = load_validation_cases(cache, split["val"]) if ctx.dist.is_main else []
         self._encoder_frozen: bool | None = None
 
     def step(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -140,15 +144,27 @@ class SegmentationRecipe(Recipe):
     def epoch_end(self, model: torch.nn.Module, epoch: int, metrics: dict[str, Any], *, steps: int) -> dict[str, Any]:
         metrics["encoder_frozen"] = epoch < self.freeze_epochs
         is_last = epoch + 1 == self.config.epochs
-        if self.ctx.dist.is_main and ((epoch + 1) % self.config.validate_every == 0 or is_last):
+        if not self.ctx.dist.is_main:
+            return metrics
+        if self.val_cases and ((epoch + 1) % self.config.validate_every == 0 or is_last):
             val, per_class = validation_dice(model, self.val_cases, self.cache.dataset.num_classes, self.ctx.device, self.ctx.precision)
             metrics.update(val_dice=val, val_dice_per_class=per_class)
             if val > self.state["best"]:
                 self.state.update(best=val, best_epoch=epoch + 1)
-                payload = segmenter_payload(model, self.cache.dataset, config=self.config, epoch=epoch + 1, val_dice=val,
-                                            encoder_path=str(self.encoder_path) if self.encoder_path else None)
-                checkpoints.save_checkpoint(payload, self.model_path, fmt=checkpoints.SEGMENTER)
+                self._save_model(model, epoch + 1, val)
         return metrics
+
+    def checkpoint(self, model: torch.nn.Module, epoch: int, metrics: dict[str, Any]) -> None:
+        """Without selection scans the latest epoch is the model: written at every checkpoint, so a run resumed
+        past its last epoch (or killed after it) still has its ``model.pt``."""
+        if not self.val_cases:
+            self.state.update(best_epoch=epoch)
+            self._save_model(model, epoch, None)
+
+    def _save_model(self, model: torch.nn.Module, epoch: int, val_dice: float | None) -> None:
+        payload = segmenter_payload(model, self.cache.dataset, config=self.config, epoch=epoch, val_dice=val_dice,
+                                    encoder_path=str(self.encoder_path) if self.encoder_path else None)
+        checkpoints.save_checkpoint(payload, self.model_path, fmt=checkpoints.SEGMENTER)
 
 
 def finetune(
@@ -211,7 +227,11 @@ def finetune(
                  data.name, len(split["train"]), config.label_fraction, len(split["val"]), len(split["test"]),
                  f"encoder frozen for {freeze_epochs} epoch(s)" if encoder_path else "from scratch (baseline)", run.dir)
         if not split["val"]:
-            log.warning("no validation cases (too few labelled cases): the best checkpoint is chosen on the training cases")
+            log.info("no scans held back for model selection in a label budget of %d scan(s) (every %s-th would be): the last "
+                     "epoch is kept", len(split["train"]), selection_stride(config.val_fraction) or "--val-fraction 0: no")
+        if config.model.dropout_encoder == 0 and config.model.dropout_decoder == 0:
+            log.warning("training without dropout: MC-dropout prediction from this model would be noise injection, not approximate "
+                        "Bayesian inference (the paper trains with --dropout-encoder 0.3)")
         recipe = SegmentationRecipe(model, cache, split, config=config, ctx=ctx, freeze_epochs=freeze_epochs,
                                     model_path=run.dir / "model.pt", encoder_path=encoder_path)
         run.fit(recipe, Schedule(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
@@ -219,25 +239,28 @@ def finetune(
                                  checkpoint_every=config.checkpoint_every, workers=config.workers))
         result: dict[str, Any] = {
             "run_dir": str(run.dir), "model": str(recipe.model_path), "encoder": str(encoder_path) if encoder_path else None,
-            "best_val_dice": recipe.state["best"], "best_epoch": recipe.state["best_epoch"], "epochs": config.epochs,
+            "best_val_dice": recipe.state["best"] if split["val"] else None, "best_epoch": recipe.state["best_epoch"], "epochs": config.epochs,
             "train_cases": len(split["train"]), "val_cases": len(split["val"]), "test_cases": len(split["test"]),
+            "labelled_used": labelled_used(split),
             "seconds": round(time.perf_counter() - t_start, 2), "device": str(ctx.device),
         }
         if ctx.dist.is_main and evaluate_test and split["test"]:
-            result["test"] = run_test_evaluation(recipe.model_path, cache, split["test"], run.dir, device=ctx.device, precision=ctx.precision)
+            result["test"] = run_test_evaluation(recipe.model_path, cache, split, run.dir, device=ctx.device, precision=ctx.precision)
     barrier()
     return result
 
 
-def run_test_evaluation(model_path: Path, cache: Cache, test_ids: list[str], run_dir: Path, *, device: torch.device,
+def run_test_evaluation(model_path: Path, cache: Cache, split: dict[str, list[str]], run_dir: Path, *, device: torch.device,
                         precision: Any) -> dict[str, Any]:
-    """Predict the held-out cases with the best model, deterministically and as ``ssl3d predict`` would, and
-    write test_metrics.json/.csv."""
+    """Predict the held-out cases with the selected model, deterministically and as ``ssl3d predict`` would, and
+    write test_metrics.json/.csv (recording how many labelled scans trained and selected the model)."""
+    test_ids = split["test"]
     pred_dir = run_dir / "test-predictions"
     seg = load_segmenter(model_path, device=device, precision=precision)
     predict_cases(seg, [cache.case_spec(cid) for cid in test_ids], pred_dir, mc=MCConfig(mc_samples=0), description="Test predictions")
     table = evaluate(pred_dir, cache.root, case_ids=test_ids)
+    table["labelled_used"] = labelled_used(split)
     atomic_write_json(run_dir / "test_metrics.json", table)
     atomic_write_bytes(run_dir / "test_metrics.csv", to_csv_text(table).encode())
-    return {"mean": table["mean"], "cases": len(table["cases"]), "predictions": str(pred_dir),
+    return {"mean": table["mean"], "cases": len(table["cases"]), "predictions": str(pred_dir), "labelled_used": table["labelled_used"],
             "metrics_json": str(run_dir / "test_metrics.json"), "class_names": table["class_names"], "regions": table["regions"]}

@@ -17,7 +17,15 @@ from ssl3d_cli.data.shards import take_shard
 from ssl3d_cli.data.splits import SPLIT_FILE, split_cases
 from ssl3d_cli.errors import ConfigError, InputDataError
 from ssl3d_cli.files import atomic_write_json, check_writable
-from ssl3d_cli.inference.pipeline import Segmenter, open_segmenter, prepare_case, segmentation, validate_vote_options, vote_case
+from ssl3d_cli.inference.pipeline import (
+    Segmenter,
+    open_segmenter,
+    prepare_case,
+    sampling_rates,
+    segmentation,
+    validate_vote_options,
+    vote_case,
+)
 from ssl3d_cli.runtime import progress
 from ssl3d_cli.runtime.device import describe_device
 
@@ -93,6 +101,7 @@ def predict(
     mc = (mc or MCConfig()).validate()
     runtime = (runtime or RuntimeConfig()).validate()
     seg = open_segmenter(model, runtime)
+    mc = sampling_rates(seg, mc)
     union_classes = validate_vote_options(seg, mc)
     cases = take_shard(resolve_cases([Path(p) for p in inputs], split=split, model_path=seg.path), shard)
     out_dir = Path(output).expanduser()

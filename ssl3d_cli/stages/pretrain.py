@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ssl3d_cli import checkpoints
-from ssl3d_cli.augment.simclr import augment_view, split_into_patches
+from ssl3d_cli.augment.simclr import VIEW_POLICY, augment_view, split_into_patches
 from ssl3d_cli.config import PreprocessConfig, PretrainConfig, RuntimeConfig
 from ssl3d_cli.data.cache import Cache
 from ssl3d_cli.errors import ConfigError, InputDataError
@@ -136,7 +136,7 @@ def pretrain(
         raise ConfigError("--negatives volume with --patches-per-side 1 leaves no negatives; use --negatives batch or more patches")
     seed_everything(runtime.seed, deterministic=runtime.deterministic)
     full_config = {"pretrain": config.to_dict(), "runtime": runtime.to_dict(), "preprocess": cache.dataset.preprocess,
-                   "cache": str(cache.root), "world_size": ctx.dist.world_size}
+                   "cache": str(cache.root), "world_size": ctx.dist.world_size, "simclr_view_policy": VIEW_POLICY}
     t_start = time.perf_counter()
     with TrainingRun("pretrain", cache.dataset.name, config=full_config, output=output, resume=resume, device=ctx.device, dist=ctx.dist,
                      precision=ctx.precision, seed=runtime.seed) as run:

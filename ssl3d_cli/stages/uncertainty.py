@@ -18,7 +18,7 @@ from ssl3d_cli.data.shards import take_shard
 from ssl3d_cli.errors import ConfigError, InputDataError
 from ssl3d_cli.files import check_writable
 from ssl3d_cli.inference.figures import uncertainty_figure
-from ssl3d_cli.inference.pipeline import Segmenter, accumulate, labels_on_scan, open_segmenter, prepare_case
+from ssl3d_cli.inference.pipeline import Segmenter, accumulate, labels_on_scan, open_segmenter, prepare_case, sampling_rates
 from ssl3d_cli.inference.uncertainty import TargetStore, entropy, percentile_name
 from ssl3d_cli.runtime import progress
 from ssl3d_cli.stages.predict import resolve_cases
@@ -99,6 +99,7 @@ def uncertainty(
         raise ConfigError(f"--percentiles {bad}: percentiles must lie in 0..100")
     runtime = (runtime or RuntimeConfig()).validate()
     seg = open_segmenter(model, runtime)
+    mc = sampling_rates(seg, mc)
     target, target_name = resolve_target(seg, list(classes or []))
     cases = take_shard(resolve_cases([Path(p) for p in inputs], split=split, model_path=seg.path), shard)
     if label is not None:

@@ -172,7 +172,7 @@ class Recipe:
         return metrics
 
     def checkpoint(self, model: torch.nn.Module, epoch: int, metrics: dict[str, Any]) -> None:
-        """Called on rank 0 after ``last.pt`` is saved at the checkpoint cadence (epochs done: ``epoch``)."""
+        """Called on rank 0 at the checkpoint cadence (epochs done: ``epoch``), just before ``last.pt`` is saved."""
 
 
 def choose_run_dir(stage: str, dataset_name: str, *, output: Path | None, resume: bool) -> Path:
@@ -258,11 +258,19 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a metrics line; None for a blank or half-written one (a kill in the middle of an append)."""
+    try:
+        return int(json.loads(line).get("epoch", 0))
+    except (ValueError, AttributeError):
+        return None
+
+
 def truncate_metrics(path: Path, last_epoch: int) -> None:
     """On resume, drop metric lines of epochs after the checkpoint (they are about to be redone)."""
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", 0) <= last_epoch]
+    kept = [ln for ln in path.read_text().splitlines() if _epoch_of(ln) is not None and _epoch_of(ln) <= last_epoch]
     atomic_write_bytes(path, "".join(f"{ln}\n" for ln in kept).encode())
 
 
@@ -369,7 +377,10 @@ class TrainingRun:
         log.info("Device: %s, precision %s", describe_device(device), self.precision.name)
         recipe.epoch_start(start_epoch)
         wrapped = wrap_ddp(model, device)
-        loader = DataLoader(recipe.dataset, batch_sampler=batches, num_workers=schedule.workers, pin_memory=device.type == "cuda")
+        # the loader draws its workers' base seed from its own generator, not the global RNG: a draw from the global
+        # state at each epoch's iterator would shift every later dropout mask after a mid-epoch resume
+        loader = DataLoader(recipe.dataset, batch_sampler=batches, num_workers=schedule.workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(self.seed))
         metrics: dict[str, Any] = {}
         wrapped.train()
         with SignalGuard() as guard, progress.task(recipe.description, total=schedule.epochs) as bar:
@@ -402,7 +413,7 @@ class TrainingRun:
                 barrier()
                 bar.advance(1, **{k: metrics[k] for k in recipe.shown if k in metrics})
                 if epoch + 1 == schedule.epochs or (epoch + 1) % schedule.checkpoint_every == 0:
-                    self._save_state(wrapped, opt, epoch=epoch + 1, step=0, extra={"accum": accum, **recipe.state})
-                    if dist.is_main:
+                    if dist.is_main:  # the artefact first: a kill between the two leaves last.pt behind, which redoes the epoch
                         recipe.checkpoint(wrapped, epoch + 1, metrics)
+                    self._save_state(wrapped, opt, epoch=epoch + 1, step=0, extra={"accum": accum, **recipe.state})
         return metrics
