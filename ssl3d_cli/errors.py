@@ -30,3 +30,13 @@ class StopRequested(Ssl3dError):
     """
 
     exit_code = 75
+
+
+class CasesFailed(Ssl3dError):
+    """``--skip-bad``: some cases of a batch failed (each listed with its reason in the result); every other case was done.
+
+    Exit 4, raised by the CLI after the result was printed, so scripts can tell "some scans were bad" from a run that
+    stopped (2) and from a complete one (0).
+    """
+
+    exit_code = 4

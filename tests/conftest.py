@@ -74,3 +74,16 @@ def real_dir(tmp_path: Path) -> Path:
     out = tmp_path / "real"
     shutil.copytree(REAL_DATA, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def model_path(ct_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model fine-tuned on ``ct_cache`` (Task99_SynthCT) for 3 epochs, trained with encoder dropout 0.3 (as it is sampled)."""
+    from ssl3d_cli.config import FinetuneConfig, ModelConfig, RuntimeConfig
+    from ssl3d_cli.stages.finetune import finetune
+
+    out = tmp_path_factory.mktemp("seg") / "finetune-run"
+    finetune(ct_cache, config=FinetuneConfig(epochs=3, from_scratch=True, batch_size=2, workers=0, model=ModelConfig(widths=(4, 8), dropout_encoder=0.3),
+                                             warmup_epochs=0, learning_rate=1e-2),
+             runtime=RuntimeConfig(device="cpu"), output=out, evaluate_test=False)
+    return out / "model.pt"

@@ -10,24 +10,13 @@ import torch
 from typer.testing import CliRunner
 
 from ssl3d_cli.cli.app import app
-from ssl3d_cli.config import FinetuneConfig, ModelConfig, RuntimeConfig
+from ssl3d_cli.config import ModelConfig
 from ssl3d_cli.inference.mc import sample_probabilities, set_mc_mode
 from ssl3d_cli.inference.uncertainty import TargetStore, percentile_name
 from ssl3d_cli.inference.votes import VoteAccumulator
 from ssl3d_cli.models.unet import LevelDropout, UNet, deterministic_prefix, sample_from_prefix
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_path(ct_cache, tmp_path_factory):
-    from ssl3d_cli.stages.finetune import finetune
-
-    out = tmp_path_factory.mktemp("seg") / "finetune-run"
-    finetune(ct_cache, config=FinetuneConfig(epochs=3, from_scratch=True, batch_size=2, workers=0, model=ModelConfig(widths=(4, 8), dropout_encoder=0.3),
-                                             warmup_epochs=0, learning_rate=1e-2),
-             runtime=RuntimeConfig(device="cpu"), output=out, evaluate_test=False)
-    return out / "model.pt"
 
 
 def tiny_unet(dropout_encoder=0.3, dropout_decoder=0.2):

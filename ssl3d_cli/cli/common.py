@@ -88,10 +88,39 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+#: The exit statuses of a batch command (``predict``, ``uncertainty``), for their ``--help`` epilogs.
+BATCH_EXIT_CODES = ("Exit status: 0 every case done (or kept); 2 a bad option, model or scan, named in one line (without --skip-bad "
+                    "the batch stops there and the line counts the cases left); 3 out of memory; 4 with --skip-bad some cases failed "
+                    "(each listed with its reason, the others done).")
+SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Continue past cases that cannot be read or preprocessed; list each "
+                                          "with its reason at the end and exit 4 if any failed.")]
+
+
+def raise_if_cases_failed(result: dict[str, Any]) -> None:
+    """After a batch's result was printed: exit 4 (``CasesFailed``) when ``--skip-bad`` passed over failed cases.
+
+    Raises:
+        CasesFailed: ``result["failed"]`` is not empty.
+    """
+    from ssl3d_cli.errors import CasesFailed
+
+    failed = result.get("failed") or []
+    if failed:
+        names = ", ".join(f["case"] for f in failed[:5]) + (", ..." if len(failed) > 5 else "")
+        raise CasesFailed(f"{len(failed)} case(s) failed ({names}; each listed with its reason); the other cases were done: "
+                          "fix or remove those scans and rerun the same command")
+
+
 def run_stage(body: Callable[[], dict[str, Any]], *, as_json: bool, quiet: bool = False, verbose: bool = False,
               no_progress: bool = False, debug: bool = False,
-              human: Callable[[dict[str, Any]], None] | None = None) -> None:
-    """Run a stage: set up logging and progress, turn domain errors into one line and an exit code."""
+              human: Callable[[dict[str, Any]], None] | None = None,
+              check: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Run a stage: set up logging and progress, turn domain errors into one line and an exit code.
+
+    Args:
+        check: called with the result once it was printed; an ``Ssl3dError`` it raises becomes one line and its exit
+            code (:func:`raise_if_cases_failed`: exit 4 after a ``--skip-bad`` batch with failed cases).
+    """
     from ssl3d_cli.errors import Ssl3dError
     from ssl3d_cli.runtime import progress
 
@@ -117,6 +146,11 @@ def run_stage(body: Callable[[], dict[str, Any]], *, as_json: bool, quiet: bool 
         fail(f"unexpected {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback and report it)", 1)
     else:
         emit(result, as_json=as_json, human=human)
+        if check is not None:
+            try:
+                check(result)
+            except Ssl3dError as exc:
+                fail(str(exc), exc.exit_code)
     finally:
         if "torch.distributed" in sys.modules:  # only when a stage imported it (never for --help)
             from ssl3d_cli.runtime.distributed import shutdown_distributed

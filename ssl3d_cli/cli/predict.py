@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ssl3d_cli.cli.common import (
+    BATCH_EXIT_CODES,
     DebugOpt,
     DeviceOpt,
     JsonOpt,
@@ -15,8 +16,10 @@ from ssl3d_cli.cli.common import (
     PrecisionOpt,
     QuietOpt,
     SeedOpt,
+    SkipBadOpt,
     ThreadsOpt,
     VerboseOpt,
+    raise_if_cases_failed,
     run_stage,
 )
 
@@ -25,9 +28,14 @@ HELP = ("Segment scans with Monte-Carlo dropout and a vote rule (majority, weigh
         "outputs lie exactly on each scan's grid, in the dataset's original label values.")
 EPILOG = ("Examples: ssl3d predict scan.nii.gz --mc-samples 100 --vote borda  |  "
           "ssl3d predict ./Task07_Pancreas/imagesTs -o preds/ --model runs/finetune-.../model.pt --vote union --union-class tumour  |  "
-          "ssl3d predict ./Task07_Pancreas --split test --model runs/finetune-.../model.pt -o preds/")
+          "ssl3d predict ./Task07_Pancreas --split test --model runs/finetune-.../model.pt -o preds/.  "
+          "Each case gets <case>.provenance.json (model SHA-256, MC settings, vote, seed, version, inputs); an existing case is kept "
+          "only when its record matches this run and its files exist, else recomputed (the reason is logged); predict_args.json "
+          "lists the cases written, kept and failed.  " + BATCH_EXIT_CODES)
 
-ModelOpt = Annotated[Path | None, typer.Option("--model", help="model.pt from `ssl3d finetune` (default: the newest fine-tuned run).")]
+ModelOpt = Annotated[Path | None, typer.Option("--model", help="model.pt from `ssl3d finetune`, or its run folder (default: the newest "
+                                              "run fine-tuned on the inputs' dataset; for scans outside a dataset folder, the only "
+                                              "fine-tuned run; the choice is printed even with -q).")]
 McSamplesOpt = Annotated[int, typer.Option("--mc-samples", help="MC-dropout samples N (0 or 1: one deterministic pass). The paper: 100.")]
 DropEncOpt = Annotated[float | None, typer.Option("--dropout-encoder", help="Encoder dropout rate while sampling (default: the rate the "
                                                   "model was trained with; another rate is noise injection and is warned about).")]
@@ -50,7 +58,8 @@ def command(
     dropout_decoder: DropDecOpt = None,
     mc_batch: McBatchOpt = 0,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write mean class probabilities (4D NIfTI).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo cases whose output exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute every case, even those whose provenance matches this run.")] = False,
+    skip_bad: SkipBadOpt = False,
     shard: ShardOpt = None,
     split: SplitOpt = None,
     device: DeviceOpt = "auto",
@@ -72,11 +81,15 @@ def command(
                       union_classes=tuple(union_class or ()), mc_batch=mc_batch, seed=seed)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed)
         return predict(inputs, output=output, model=model, mc=mc, runtime=runtime, overwrite=overwrite, shard=shard, split=split,
-                       save_probabilities=save_probabilities)
+                       save_probabilities=save_probabilities, skip_bad=skip_bad)
 
     def human(r: dict) -> None:
         for c in r["cases"]:
             typer.echo(c["segmentation"])
-        typer.echo(f"{r['predicted']} case(s) written to {r['output']} ({r['skipped_existing']} existing skipped; vote {r['vote']})")
+        for f in r["failed"]:
+            typer.echo(f"failed {f['case']}: {f['error']}")
+        typer.echo(f"{r['predicted']} case(s) written to {r['output']} ({r['skipped_existing']} kept: same model, settings and inputs; "
+                   f"{len(r['failed'])} failed; vote {r['vote']}; model {r['model']})")
 
-    run_stage(body, as_json=json_out, quiet=quiet, verbose=verbose, no_progress=no_progress, debug=debug, human=human)
+    run_stage(body, as_json=json_out, quiet=quiet, verbose=verbose, no_progress=no_progress, debug=debug, human=human,
+              check=raise_if_cases_failed)

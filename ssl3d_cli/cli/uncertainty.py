@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ssl3d_cli.cli.common import (
+    BATCH_EXIT_CODES,
     DebugOpt,
     DeviceOpt,
     JsonOpt,
@@ -15,8 +16,10 @@ from ssl3d_cli.cli.common import (
     PrecisionOpt,
     QuietOpt,
     SeedOpt,
+    SkipBadOpt,
     ThreadsOpt,
     VerboseOpt,
+    raise_if_cases_failed,
     run_stage,
 )
 from ssl3d_cli.cli.predict import DropDecOpt, DropEncOpt, McBatchOpt, ModelOpt, ShardOpt, SplitOpt
@@ -24,7 +27,8 @@ from ssl3d_cli.cli.predict import DropDecOpt, DropEncOpt, McBatchOpt, ModelOpt, 
 NAME = "uncertainty"
 HELP = ("Per-voxel percentile heat maps (5th/50th/95th) of a class's probability over MC-dropout samples, predictive entropy, "
         "mutual information, std, and a PNG in the style of the paper's Figure 7; all in the scan's geometry.")
-EPILOG = "Example: ssl3d uncertainty scan.nii.gz --mc-samples 100 --class tumour --percentiles 5,50,95 --label truth.nii.gz"
+EPILOG = ("Example: ssl3d uncertainty scan.nii.gz --mc-samples 100 --class tumour --percentiles 5,50,95 --label truth.nii.gz.  "
+          + BATCH_EXIT_CODES)
 
 
 def command(
@@ -42,6 +46,7 @@ def command(
     mc_batch: McBatchOpt = 0,
     shard: ShardOpt = None,
     split: SplitOpt = None,
+    skip_bad: SkipBadOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = 0,
@@ -61,11 +66,14 @@ def command(
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed)
         return uncertainty(inputs, output=output, model=model, mc=mc, runtime=runtime, classes=list(class_ or []),
                            percentiles=list(parse_float_list(percentiles, option="--percentiles")), label=label, figure=not no_figure,
-                           shard=shard, split=split)
+                           shard=shard, split=split, skip_bad=skip_bad)
 
     def human(r: dict) -> None:
         for c in r["cases"]:
             typer.echo(f"{c['case']}: " + ", ".join(Path(p).name for p in c["files"].values()) + (f", {Path(c['figure']).name}" if "figure" in c else ""))
-        typer.echo(f"Maps of p({r['target']}) from {r['mc_samples']} samples in {r['output']}")
+        for f in r["failed"]:
+            typer.echo(f"failed {f['case']}: {f['error']}")
+        typer.echo(f"Maps of p({r['target']}) from {r['mc_samples']} samples in {r['output']} (model {r['model']})")
 
-    run_stage(body, as_json=json_out, quiet=quiet, verbose=verbose, no_progress=no_progress, debug=debug, human=human)
+    run_stage(body, as_json=json_out, quiet=quiet, verbose=verbose, no_progress=no_progress, debug=debug, human=human,
+              check=raise_if_cases_failed)

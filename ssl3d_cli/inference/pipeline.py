@@ -44,6 +44,7 @@ class Segmenter:
     device: torch.device
     precision: Precision
     path: Path
+    chosen_by: str | None = None  # how the model was found when no --model was given (named in the result)
 
     @property
     def num_classes(self) -> int:
@@ -66,12 +67,28 @@ def load_segmenter(path: Path | str, *, device: torch.device, precision: Precisi
     return Segmenter(model, dataset, payload, device, precision, Path(path))
 
 
-def open_segmenter(model: Path | None, runtime: RuntimeConfig) -> Segmenter:
-    """The given ``model.pt`` (or the newest fine-tuned run's) on the runtime's device, threads and precision."""
-    model_path = find_model(model)
+def open_segmenter(model: Path | None, runtime: RuntimeConfig, *, dataset_name: str | None = None) -> Segmenter:
+    """The given model (``model.pt`` or its run folder), else one fine-tuned on ``dataset_name``, on the runtime's device.
+
+    Args:
+        model: ``--model``; None: chosen by :func:`ssl3d_cli.runs.find_model` (logged at WARNING level).
+        dataset_name: the dataset the inputs belong to (None: loose scans).
+
+    Raises:
+        ConfigError: no model given and none fine-tuned on the inputs' dataset (or, for loose scans, not exactly one).
+    """
+    choice = find_model(model, dataset_name)
     device = resolve_device(runtime.device)
     set_threads(runtime.threads)
-    return load_segmenter(model_path, device=device, precision=resolve_precision(runtime.precision, device))
+    seg = load_segmenter(choice.path, device=device, precision=resolve_precision(runtime.precision, device))
+    seg.chosen_by = choice.how
+    if dataset_name is not None and seg.dataset.name != dataset_name:
+        if choice.how is not None:
+            raise ConfigError(f"{choice.path}: was fine-tuned on {seg.dataset.name}, not on the inputs' dataset {dataset_name}, "
+                              "although its run folder names that dataset; pass --model")
+        log.warning("%s was fine-tuned on %s but the inputs belong to %s: its classes and preprocessing may not fit them",
+                    choice.path, seg.dataset.name, dataset_name)
+    return seg
 
 
 def prepare_case(seg: Segmenter, case: CaseSpec) -> tuple[torch.Tensor, CaseGeometry]:
@@ -202,7 +219,15 @@ def labels_on_scan(acc: VoteAccumulator, geometry: CaseGeometry, *, rule: str, u
 
 
 def validate_vote_options(seg: Segmenter, mc: MCConfig) -> list[int]:
-    """Check vote weights and union classes against the model; returns the union class indices."""
+    """Check vote weights and union classes against the model; returns the union class indices.
+
+    Raises:
+        ConfigError: ``weighted`` / ``weighted-probs`` without ``--vote-weights`` (they would equal majority), or a
+            weight count that is not the model's class count.
+    """
+    if mc.vote in ("weighted", "weighted-probs") and not mc.vote_weights:
+        raise ConfigError(f"--vote {mc.vote} needs --vote-weights, one weight per class ({', '.join(seg.dataset.class_names)}), "
+                          f"e.g. --vote-weights {','.join(['1'] + ['2'] * (seg.num_classes - 1))}; without weights it is majority")
     if mc.vote_weights and len(mc.vote_weights) != seg.num_classes:
         raise ConfigError(f"--vote-weights has {len(mc.vote_weights)} value(s); the model has {seg.num_classes} classes "
                           f"({', '.join(seg.dataset.class_names)})")

@@ -1,9 +1,17 @@
-"""``ssl3d predict``: MC-dropout segmentation with a vote rule, written in each scan's own geometry."""
+"""``ssl3d predict``: MC-dropout segmentation with a vote rule, written in each scan's own geometry.
+
+Every case gets a provenance record (:mod:`ssl3d_cli.provenance`); an existing case is kept only when its record
+equals this run's and every file asked for exists, otherwise it is recomputed and the reason logged.
+``predict_args.json`` describes this run and lists the cases it wrote, kept (each pointing to its own record) and
+failed; it is replaced when a run starts and kept current after every case.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +21,9 @@ from ssl3d_cli import __version__
 from ssl3d_cli.config import MCConfig, RuntimeConfig
 from ssl3d_cli.data.datasets import CaseSpec, discover_dataset, discover_inputs
 from ssl3d_cli.data.nifti import write_like
-from ssl3d_cli.data.shards import take_shard
+from ssl3d_cli.data.shards import parse_shard, take_shard
 from ssl3d_cli.data.splits import SPLIT_FILE, split_cases
-from ssl3d_cli.errors import ConfigError, InputDataError
+from ssl3d_cli.errors import ConfigError, InputDataError, Ssl3dError, StopRequested
 from ssl3d_cli.files import atomic_write_json, check_writable
 from ssl3d_cli.inference.pipeline import (
     Segmenter,
@@ -26,10 +34,96 @@ from ssl3d_cli.inference.pipeline import (
     validate_vote_options,
     vote_case,
 )
+from ssl3d_cli.provenance import (
+    RunProvenance,
+    file_sha256,
+    provenance_path,
+    read_provenance,
+    remove_provenance,
+    stale_reasons,
+    write_provenance,
+)
 from ssl3d_cli.runtime import progress
 from ssl3d_cli.runtime.device import describe_device
 
 log = logging.getLogger("ssl3d")
+
+#: BraTS 2018 nests its case folders one level deeper, under these folders of the collection.
+BRATS_GROUP_FOLDERS = ("HGG", "LGG")
+#: What a newly computed case is written for when it had no earlier output.
+NEW_CASE = "new"
+
+
+#: Folders already looked at, by (what was asked, folder): many scans of one dataset share their parent.
+KnownFolders = dict[tuple[str, Path], str | None]
+
+
+def _dataset_root_name(folder: Path, known: KnownFolders) -> str | None:
+    """The dataset name of a folder with ``dataset.json`` or ``images/`` + ``labels/``; None for any other folder."""
+    key = ("dataset", folder)
+    if key not in known:
+        is_root = (folder / "dataset.json").is_file() or ((folder / "images").is_dir() and (folder / "labels").is_dir())
+        known[key] = discover_dataset(folder).name if is_root else None
+    return known[key]
+
+
+def _brats_collection_name(folder: Path, known: KnownFolders) -> str | None:
+    """The name of a BraTS collection folder; None for any other folder."""
+    key = ("brats", folder)
+    if key not in known:
+        spec = discover_dataset(folder)
+        known[key] = spec.name if spec.layout == "brats" else None
+    return known[key]
+
+
+def input_dataset(path: Path, known: KnownFolders | None = None) -> str | None:
+    """The dataset an input belongs to, named as preprocessing names it; None for loose scans.
+
+    The input itself when it is a dataset folder; else the nearest folder up to two levels above it with a
+    ``dataset.json`` or ``images/`` + ``labels/`` (``Task07/imagesTs``, ``Task07/imagesTs/x.nii.gz``); for a
+    BraTS case folder, the collection holding it (above ``HGG/`` / ``LGG/`` in BraTS 2018). A folder that cannot
+    be read as a dataset counts as none: the inputs are then loose scans.
+
+    Args:
+        path: one input of ``ssl3d predict`` / ``ssl3d uncertainty``.
+        known: dataset folders already read, shared between the inputs of one command.
+    """
+    known = known if known is not None else {}
+    path = Path(path).expanduser()
+    if not path.exists():
+        return None  # resolve_cases names the missing input
+    path = path.resolve()
+    try:
+        for folder in ([path] if path.is_dir() else []) + list(path.parents)[:2]:
+            name = _dataset_root_name(folder, known)
+            if name is not None:
+                return name
+        if not path.is_dir():
+            return None
+        cases, dataset = discover_inputs([path])
+        if dataset is not None:  # a BraTS collection
+            return dataset.name
+        if len(cases) == 1 and cases[0].case_id == path.name and len(cases[0].image_paths) > 1:  # a BraTS case folder
+            return _brats_collection_name(path.parent.parent if path.parent.name.upper() in BRATS_GROUP_FOLDERS else path.parent, known)
+    except InputDataError as exc:
+        log.debug("%s: not read as part of a dataset (%s)", path, exc)
+    return None
+
+
+def inputs_dataset(inputs: list[Path], *, model_given: bool) -> str | None:
+    """The one dataset the inputs belong to (None: loose scans, or several datasets with ``--model``).
+
+    Raises:
+        ConfigError: without ``--model``, inputs of several datasets (no one model fits them all).
+    """
+    known: KnownFolders = {}
+    names = sorted({name for name in (input_dataset(p, known) for p in inputs) if name is not None})
+    if len(names) > 1:
+        if not model_given:
+            raise ConfigError(f"the inputs belong to {len(names)} datasets ({', '.join(names)}); predict each with its own --model")
+        log.warning("the inputs belong to %d datasets (%s); all are predicted with the one --model", len(names), ", ".join(names))
+        return None
+    return names[0] if names else None
 
 
 def resolve_cases(inputs: list[Path], *, split: str | None, model_path: Path) -> list[CaseSpec]:
@@ -52,31 +146,157 @@ def resolve_cases(inputs: list[Path], *, split: str | None, model_path: Path) ->
     return cases
 
 
+@dataclass
+class BatchResult:
+    """What a batch of cases came to so far.
+
+    Attributes:
+        done: each finished case's record.
+        failed: ``{"case", "error"}`` of each case that raised an :class:`Ssl3dError` (with ``skip_bad``, or the one that stopped the batch).
+        pending: ids of the cases not processed yet.
+    """
+
+    done: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+
+
+def run_cases(cases: list[CaseSpec], work: Callable[[CaseSpec], dict[str, Any]], *, description: str, skip_bad: bool | None = False,
+              result: BatchResult | None = None, on_case: Callable[[BatchResult], None] | None = None) -> BatchResult:
+    """Run ``work`` on each case in turn, with a progress bar.
+
+    A case whose ``work`` raises an :class:`Ssl3dError` (an unreadable scan, the wrong channels, ...) stops the
+    batch with the same error, its message counting the cases left unprocessed and naming ``--skip-bad``; with
+    ``skip_bad`` the case is listed in ``failed`` (and logged) and the batch goes on.
+
+    Args:
+        cases: the cases, in order.
+        work: computes and writes one case; returns its record.
+        description: the progress bar's label.
+        skip_bad: continue past failing cases; None: the command has no ``--skip-bad`` (the error is raised as it is).
+        result: filled in place (so a caller still holds it when the batch stops); default a new one.
+        on_case: called after each case, finished or failed (e.g. to keep a run record current).
+
+    Returns:
+        The done, failed and (none left) pending cases.
+    """
+    result = result if result is not None else BatchResult()
+    result.pending = [c.case_id for c in cases]
+    with progress.task(description, total=len(cases)) as bar:
+        for i, case in enumerate(cases):
+            try:
+                result.done.append(work(case))
+            except StopRequested:  # SIGTERM/SIGUSR1: never a bad scan
+                raise
+            except Ssl3dError as exc:
+                result.failed.append({"case": case.case_id, "error": str(exc)})
+                if skip_bad is None:
+                    result.pending = result.pending[1:]
+                    raise
+                if not skip_bad:
+                    result.pending = result.pending[1:]
+                    left = len(cases) - i
+                    raise type(exc)(f"{exc} ({left} of {len(cases)} case(s) not processed: this one and {left - 1} after it; "
+                                    "add --skip-bad to continue past bad scans and list them at the end)") from None
+                log.warning("case %s: failed, skipped (%s)", case.case_id, exc)
+            result.pending = result.pending[1:]
+            if on_case is not None:
+                on_case(result)
+            bar.advance(1)
+    return result
+
+
+def output_names(case_id: str, save_probabilities: bool) -> dict[str, str]:
+    """The files a case gets inside the output folder, by kind."""
+    names = {"segmentation": f"{case_id}.nii.gz"}
+    if save_probabilities:
+        names["probabilities"] = f"{case_id}_probabilities.nii.gz"
+    return names
+
+
 def predict_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, union_classes: list[int],
-                save_probabilities: bool) -> dict[str, Any]:
-    """Predict one case and write ``<case>.nii.gz`` (and ``<case>_probabilities.nii.gz``)."""
+                save_probabilities: bool, provenance: RunProvenance | None = None) -> dict[str, Any]:
+    """Predict one case and write ``<case>.nii.gz`` (and ``<case>_probabilities.nii.gz``), then its provenance record.
+
+    The scan is read and sampled before anything is touched, so a bad scan leaves the case's earlier files (and their
+    record) as they were. Once outputs are replaced, the old record is gone until the new one is written last.
+    """
     t0 = time.perf_counter()
     image, geometry = prepare_case(seg, case)
     votes = vote_case(seg, image, geometry, mc)
-    out = write_like(segmentation(seg, votes, mc.vote, union_classes), case.image_paths[0], out_dir / f"{case.case_id}.nii.gz")
-    record: dict[str, Any] = {"case": case.case_id, "segmentation": str(out), "seconds": round(time.perf_counter() - t0, 3)}
+    labels = segmentation(seg, votes, mc.vote, union_classes)
+    names = output_names(case.case_id, save_probabilities)
+    record_path = provenance_path(out_dir, case.case_id)
+    remove_provenance(record_path)
+    out = write_like(labels, case.image_paths[0], out_dir / names["segmentation"])
+    record: dict[str, Any] = {"case": case.case_id, "segmentation": str(out)}
+    probabilities = out_dir / output_names(case.case_id, True)["probabilities"]
     if save_probabilities:
         probs = votes.mean_prob().numpy()
-        path = write_like(np.moveaxis(probs, 0, -1).astype(np.float32), case.image_paths[0], out_dir / f"{case.case_id}_probabilities.nii.gz")
-        record["probabilities"] = str(path)
+        record["probabilities"] = str(write_like(np.moveaxis(probs, 0, -1).astype(np.float32), case.image_paths[0], probabilities))
+    elif probabilities.exists():  # from an earlier computation of this case: it would not match the new labels
+        probabilities.unlink()
+        log.info("case %s: removed %s of an earlier run (no --save-probabilities now)", case.case_id, probabilities.name)
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    if provenance is not None:
+        write_provenance(record_path, provenance.case_record(case.case_id, case.image_paths, names, record["seconds"]))
+        record["provenance"] = str(record_path)
     return record
 
 
 def predict_cases(seg: Segmenter, cases: list[CaseSpec], out_dir: Path, *, mc: MCConfig, union_classes: list[int] | None = None,
-                  save_probabilities: bool = False, description: str = "Predicting") -> list[dict[str, Any]]:
-    """Predict and write each case in turn (what ``ssl3d predict`` and fine-tuning's test table both run)."""
-    records = []
-    with progress.task(description, total=len(cases)) as bar:
-        for case in cases:
-            records.append(predict_one(seg, case, out_dir, mc=mc, union_classes=list(union_classes or []),
-                                       save_probabilities=save_probabilities))
-            bar.advance(1)
-    return records
+                  save_probabilities: bool = False, description: str = "Predicting", provenance: RunProvenance | None = None,
+                  skip_bad: bool | None = None, result: BatchResult | None = None,
+                  on_case: Callable[[BatchResult], None] | None = None) -> BatchResult:
+    """Predict and write each case in turn (what ``ssl3d predict`` and fine-tuning's test table both run).
+
+    Args:
+        provenance: when given, each case gets its ``<case>.provenance.json`` (``ssl3d predict``).
+        skip_bad, result, on_case: see :func:`run_cases`.
+    """
+    def work(case: CaseSpec) -> dict[str, Any]:
+        return predict_one(seg, case, out_dir, mc=mc, union_classes=list(union_classes or []), save_probabilities=save_probabilities,
+                           provenance=provenance)
+
+    return run_cases(cases, work, description=description, skip_bad=skip_bad, result=result, on_case=on_case)
+
+
+def run_provenance(seg: Segmenter, mc: MCConfig, union_classes: list[int]) -> RunProvenance:
+    """This run's shared provenance; hashes the model file once."""
+    return RunProvenance(model_path=str(seg.path.resolve()), model_sha256=file_sha256(seg.path), model_dataset=seg.dataset.name,
+                         mc=mc.to_dict(), union_class_indices=tuple(union_classes), device=str(seg.device), precision=seg.precision.name)
+
+
+def plan_cases(cases: list[CaseSpec], out_dir: Path, provenance: RunProvenance, *, save_probabilities: bool,
+               overwrite: bool) -> tuple[list[tuple[CaseSpec, str]], list[CaseSpec]]:
+    """Split the cases into those to compute (each with why) and those kept as they are.
+
+    A case is kept only when its provenance record equals this run's and every file asked for exists.
+    """
+    todo: list[tuple[CaseSpec, str]] = []
+    kept: list[CaseSpec] = []
+    for case in cases:
+        names = output_names(case.case_id, save_probabilities)
+        record_path = provenance_path(out_dir, case.case_id)
+        if not (out_dir / names["segmentation"]).exists() and not record_path.exists():
+            todo.append((case, NEW_CASE))
+        elif overwrite:
+            todo.append((case, "--overwrite"))
+        else:
+            reasons = stale_reasons(read_provenance(record_path), provenance.identity(case.image_paths), out_dir, names)
+            if reasons:
+                todo.append((case, "; ".join(reasons)))
+            else:
+                kept.append(case)
+    return todo, kept
+
+
+def args_path(out_dir: Path, shard: str | None) -> Path:
+    """``predict_args.json``; one file per shard (``predict_args.shard-I-of-N.json``) when array jobs share ``-o``."""
+    if shard is None:
+        return out_dir / "predict_args.json"
+    index, count = parse_shard(shard)
+    return out_dir / f"predict_args.shard-{index}-of-{count}.json"
 
 
 def predict(
@@ -90,32 +310,72 @@ def predict(
     shard: str | None = None,
     split: str | None = None,
     save_probabilities: bool = False,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
-    """Segment every input case; existing outputs are skipped unless ``overwrite``.
+    """Segment every input case; an existing case is kept only when its provenance matches this run.
 
     Args:
         inputs: NIfTI files, folders, BraTS case folders, nnU-Net ``_0000`` folders or a dataset.
-        output: folder for ``<case>.nii.gz`` and ``predict_args.json``.
+        output: folder for ``<case>.nii.gz``, ``<case>.provenance.json`` and ``predict_args.json``.
+        model: ``model.pt`` or its run folder; default: the newest run fine-tuned on the inputs' dataset (for loose
+            scans: the only fine-tuned run), named in a WARNING line.
+        overwrite: recompute every case, even those whose provenance matches.
         split: ``"test"``: the held-out test cases of the model's fine-tuning run (inputs = the dataset).
+        skip_bad: continue past cases that fail (listed in ``failed``); the CLI then exits 4.
+
+    Returns:
+        ``predicted`` / ``written`` (with why), ``skipped_existing`` / ``kept``, ``failed`` (case, error), the records.
     """
     mc = (mc or MCConfig()).validate()
     runtime = (runtime or RuntimeConfig()).validate()
-    seg = open_segmenter(model, runtime)
+    paths = [Path(p) for p in inputs]
+    seg = open_segmenter(model, runtime, dataset_name=inputs_dataset(paths, model_given=model is not None))
     mc = sampling_rates(seg, mc)
     union_classes = validate_vote_options(seg, mc)
-    cases = take_shard(resolve_cases([Path(p) for p in inputs], split=split, model_path=seg.path), shard)
+    cases = take_shard(resolve_cases(paths, split=split, model_path=seg.path), shard)
     out_dir = Path(output).expanduser()
     check_writable(out_dir)
-    todo = [c for c in cases if overwrite or not (out_dir / f"{c.case_id}.nii.gz").exists()]
-    log.info("Device: %s, precision %s; %d case(s) to predict (%d already done) with %s", describe_device(seg.device), seg.precision.name,
-             len(todo), len(cases) - len(todo),
+    provenance = run_provenance(seg, mc, union_classes)
+    todo, kept = plan_cases(cases, out_dir, provenance, save_probabilities=save_probabilities, overwrite=overwrite)
+    why = {case.case_id: reason for case, reason in todo}
+    log.info("Device: %s, precision %s; %d case(s) to predict (%d kept: same model, settings and inputs) with %s",
+             describe_device(seg.device), seg.precision.name, len(todo), len(kept),
              f"{mc.mc_samples} MC samples (dropout encoder {mc.dropout_encoder}, decoder {mc.dropout_decoder}), vote {mc.vote}"
              if mc.stochastic else "one deterministic pass")
-    atomic_write_json(out_dir / "predict_args.json", {
-        "tool_version": __version__, "model": str(seg.path.resolve()), "mc": mc.to_dict(), "runtime": runtime.to_dict(),
-        "inputs": [str(p) for p in inputs], "split": split, "shard": shard, "class_names": list(seg.dataset.class_names),
-        "label_values": list(seg.dataset.label_values),
-    })
-    records = predict_cases(seg, todo, out_dir, mc=mc, union_classes=union_classes, save_probabilities=save_probabilities)
-    return {"output": str(out_dir), "model": str(seg.path), "predicted": len(records), "skipped_existing": len(cases) - len(todo),
-            "vote": mc.vote if mc.stochastic else "deterministic", "mc_samples": mc.mc_samples, "cases": records}
+    record_file = args_path(out_dir, shard)
+    description = {
+        "tool_version": __version__, "model": {"path": provenance.model_path, "sha256": provenance.model_sha256,
+                                               "dataset": seg.dataset.name, "chosen_by": seg.chosen_by or "--model"},
+        "mc": mc.to_dict(), "runtime": runtime.to_dict(), "inputs": [str(p) for p in inputs], "split": split, "shard": shard,
+        "overwrite": overwrite, "save_probabilities": save_probabilities, "skip_bad": skip_bad,
+        "class_names": list(seg.dataset.class_names), "label_values": list(seg.dataset.label_values),
+    }
+    kept_records = [{"case": c.case_id, "provenance": provenance_path(out_dir, c.case_id).name} for c in kept]
+
+    def save_args(batch: BatchResult, status: str) -> None:
+        atomic_write_json(record_file, {"status": status, **description,
+                                        "written": [{"case": r["case"], "why": why[r["case"]], "provenance": Path(r["provenance"]).name}
+                                                    for r in batch.done],
+                                        "kept": kept_records, "failed": batch.failed, "not_processed": batch.pending})
+
+    def work(case: CaseSpec) -> dict[str, Any]:
+        record = predict_one(seg, case, out_dir, mc=mc, union_classes=union_classes, save_probabilities=save_probabilities,
+                             provenance=provenance)
+        if why[case.case_id] != NEW_CASE:
+            log.info("case %s: recomputed (%s)", case.case_id, why[case.case_id])
+        return record
+
+    batch = BatchResult(pending=list(why))
+    save_args(batch, "running")
+    try:
+        run_cases([c for c, _ in todo], work, description="Predicting", skip_bad=skip_bad, result=batch,
+                  on_case=lambda b: save_args(b, "running"))
+    except BaseException:  # a bad scan without --skip-bad, Ctrl-C, SIGTERM: the record says what was and was not done
+        save_args(batch, "stopped")
+        raise
+    save_args(batch, "finished")
+    return {"output": str(out_dir), "model": str(seg.path), "model_chosen_by": seg.chosen_by, "predicted": len(batch.done),
+            "skipped_existing": len(kept), "kept": [c.case_id for c in kept],
+            "written": [{"case": r["case"], "why": why[r["case"]]} for r in batch.done], "failed": batch.failed,
+            "vote": mc.vote if mc.stochastic else "deterministic", "mc_samples": mc.mc_samples, "args": str(record_file),
+            "cases": batch.done}

@@ -20,8 +20,7 @@ from ssl3d_cli.files import check_writable
 from ssl3d_cli.inference.figures import uncertainty_figure
 from ssl3d_cli.inference.pipeline import Segmenter, accumulate, labels_on_scan, open_segmenter, prepare_case, sampling_rates
 from ssl3d_cli.inference.uncertainty import TargetStore, entropy, percentile_name
-from ssl3d_cli.runtime import progress
-from ssl3d_cli.stages.predict import resolve_cases
+from ssl3d_cli.stages.predict import inputs_dataset, resolve_cases, run_cases
 
 log = logging.getLogger("ssl3d")
 
@@ -41,9 +40,27 @@ def resolve_target(seg: Segmenter, classes: list[str]) -> tuple[list[int], str]:
     return [data.class_index(c) for c in classes], "+".join(classes)
 
 
+def check_label_grid(label: Path, ref: Path) -> nib.Nifti1Image:
+    """The ``--label`` image, refused unless it lies on the grid of the scan ``ref``.
+
+    Raises:
+        InputDataError: another shape or affine.
+    """
+    try:
+        limg = nib.load(str(label))
+    except Exception as exc:  # nibabel raises several types for bad files
+        raise InputDataError(f"{label}: --label cannot be read as NIfTI ({exc.__class__.__name__}); give the case's label file") from None
+    rimg = nib.load(str(ref))  # already read once by prepare_case
+    if limg.shape[:3] != rimg.shape[:3] or not np.allclose(limg.affine, rimg.affine, atol=GEOMETRY_ATOL_MM):
+        raise InputDataError(f"{label}: --label does not lie on the grid of {ref}")
+    return limg
+
+
 def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, percentiles: list[float], target: list[int],
                     target_name: str, label: Path | None, figure: bool) -> dict[str, Any]:
+    """Sample one case and write its maps (and figure); the scan and ``--label`` are checked before any file is written."""
     image, geometry = prepare_case(seg, case)
+    limg = check_label_grid(label, case.image_paths[0]) if figure and label is not None else None
     store = TargetStore(target, mc.mc_samples)
     acc = accumulate(seg, image, mc, track_entropy=True, extra=store)
     mean = acc.mean_prob()
@@ -57,10 +74,7 @@ def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConf
         written[name] = str(write_like(volume.astype(np.float32), ref, out_dir / f"{case.case_id}_{name}.nii.gz"))
     record: dict[str, Any] = {"case": case.case_id, "target": target_name, "files": written}
     if figure:
-        if label is not None:
-            limg = nib.load(str(label))
-            if limg.shape[:3] != restored.shape[1:] or not np.allclose(limg.affine, nib.load(str(ref)).affine, atol=GEOMETRY_ATOL_MM):
-                raise InputDataError(f"{label}: --label does not lie on the grid of {ref}")
+        if limg is not None:
             values = [seg.dataset.label_values[i] for i in target]
             outline = np.isin(np.asarray(limg.dataobj).astype(np.int64), values)
             outline_label = f"true {target_name}"
@@ -88,8 +102,15 @@ def uncertainty(
     figure: bool = True,
     shard: str | None = None,
     split: str | None = None,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
-    """Write per-voxel uncertainty maps (and a PNG) for each input case in the scan's geometry."""
+    """Write per-voxel uncertainty maps (and a PNG) for each input case in the scan's geometry.
+
+    Args:
+        model: ``model.pt`` or its run folder; default: the newest run fine-tuned on the inputs' dataset (for loose
+            scans: the only fine-tuned run), named in a WARNING line.
+        skip_bad: continue past cases that fail (listed in ``failed``); the CLI then exits 4.
+    """
     mc = (mc or MCConfig(mc_samples=100)).validate()
     if mc.mc_samples < 2:
         raise ConfigError(f"--mc-samples {mc.mc_samples}: uncertainty needs at least 2 MC samples (the paper uses 100)")
@@ -98,10 +119,11 @@ def uncertainty(
     if bad:
         raise ConfigError(f"--percentiles {bad}: percentiles must lie in 0..100")
     runtime = (runtime or RuntimeConfig()).validate()
-    seg = open_segmenter(model, runtime)
+    paths = [Path(p) for p in inputs]
+    seg = open_segmenter(model, runtime, dataset_name=inputs_dataset(paths, model_given=model is not None))
     mc = sampling_rates(seg, mc)
     target, target_name = resolve_target(seg, list(classes or []))
-    cases = take_shard(resolve_cases([Path(p) for p in inputs], split=split, model_path=seg.path), shard)
+    cases = take_shard(resolve_cases(paths, split=split, model_path=seg.path), shard)
     if label is not None:
         if len(cases) != 1:
             raise ConfigError("--label goes with a single input scan")
@@ -111,10 +133,11 @@ def uncertainty(
     check_writable(out_dir)
     log.info("Uncertainty of p(%s) from %d MC samples (dropout encoder %g, decoder %g) for %d case(s)", target_name, mc.mc_samples,
              mc.dropout_encoder, mc.dropout_decoder, len(cases))
-    records = []
-    with progress.task("Uncertainty", total=len(cases)) as bar:
-        for case in cases:
-            records.append(uncertainty_one(seg, case, out_dir, mc=mc, percentiles=percentiles, target=target, target_name=target_name,
-                                           label=Path(label) if label else None, figure=figure))
-            bar.advance(1)
-    return {"output": str(out_dir), "model": str(seg.path), "target": target_name, "mc_samples": mc.mc_samples, "cases": records}
+
+    def work(case: CaseSpec) -> dict[str, Any]:
+        return uncertainty_one(seg, case, out_dir, mc=mc, percentiles=percentiles, target=target, target_name=target_name,
+                               label=Path(label) if label else None, figure=figure)
+
+    batch = run_cases(cases, work, description="Uncertainty", skip_bad=skip_bad)
+    return {"output": str(out_dir), "model": str(seg.path), "model_chosen_by": seg.chosen_by, "target": target_name,
+            "mc_samples": mc.mc_samples, "cases": batch.done, "failed": batch.failed}
