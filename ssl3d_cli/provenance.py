@@ -4,6 +4,9 @@
 case's NIfTI files are in place, and the old record is removed before a case's files are replaced, so a record never
 vouches for files it did not see written. A later run keeps an existing case only when its record equals what this
 run would compute and every file this run asks for exists; otherwise the case is recomputed and the reason logged.
+``ssl3d uncertainty`` writes the same record for the segmentation, entropy and mutual information it computes from
+its MC samples (so ``predict`` with equal settings keeps them), and ``<case>_<target>.provenance.json`` for the maps of
+one target: the same fields plus ``target`` (its classes; with the figure, its percentiles and what it outlines).
 
 Compared: the model file (SHA-256, not its path), the resolved MC settings (samples, dropout rates, vote rule, vote
 weights, union classes, seed), the tool version and the input files (resolved path, size, mtime). Recorded but not

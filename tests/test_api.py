@@ -39,7 +39,7 @@ def test_python_api_example_runs(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0].startswith("test Dice (deterministic): ") and lines[1].startswith("test Dice (MC dropout, weighted-probs): ")
     assert 0.0 <= float(lines[1].split(": ")[1]) <= 1.0
-    assert (tmp_path / "work" / "uncertainty" / "synthct_016_p95.nii.gz").exists()
+    assert (tmp_path / "work" / "uncertainty" / "synthct_016_organ_p95.nii.gz").exists()
 
 
 def _schema1_segmenter(path: Path) -> Path:

@@ -148,12 +148,14 @@ def test_uncertainty_outputs_and_figure(ct_dataset, model_path, tmp_path):
                             "--label", str(ct_dataset / "labelsTr" / "synthct_000.nii.gz"), "-o", str(tmp_path / "u"), "--json"])
     assert r.exit_code == 0, r.output
     names = sorted(p.name for p in (tmp_path / "u").iterdir())
-    expected = [f"synthct_000_{n}.nii.gz" for n in ("entropy", "mutual_information", "p05", "p50", "p95", "std")] + ["synthct_000_uncertainty.png"]
+    expected = ([f"synthct_000_{n}.nii.gz" for n in ("entropy", "mutual_information", "organ_p05", "organ_p50", "organ_p95", "organ_std")]
+                + ["synthct_000.nii.gz", "synthct_000_organ_uncertainty.png", "synthct_000.provenance.json", "synthct_000_organ.provenance.json",
+                   "uncertainty_args.json"])
     assert names == sorted(expected)
     src = nib.load(str(scan))
-    p05, p95 = (np.asarray(nib.load(str(tmp_path / "u" / f"synthct_000_{n}.nii.gz")).dataobj) for n in ("p05", "p95"))
+    p05, p95 = (np.asarray(nib.load(str(tmp_path / "u" / f"synthct_000_organ_{n}.nii.gz")).dataobj) for n in ("p05", "p95"))
     assert p05.shape == src.shape and (p05 <= p95 + 1e-6).all() and p95.max() <= 1.0 + 1e-6
-    assert (tmp_path / "u" / "synthct_000_uncertainty.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "u" / "synthct_000_organ_uncertainty.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("args,needle", [

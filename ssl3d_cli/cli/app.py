@@ -16,6 +16,7 @@ from ssl3d_cli.cli import (
     synth,
     uncertainty,
 )
+from ssl3d_cli.cli.common import Ssl3dCommand
 
 app = typer.Typer(
     name="ssl3d",
@@ -40,7 +41,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 for module in (synth, preprocess, pretrain, finetune, predict, uncertainty, evaluate, demo, experiment):
-    app.command(module.NAME, help=module.HELP, epilog=module.EPILOG, no_args_is_help=getattr(module, "NO_ARGS_HELP", True))(module.command)
+    app.command(module.NAME, cls=Ssl3dCommand, help=module.HELP, epilog=module.EPILOG,
+                no_args_is_help=getattr(module, "NO_ARGS_HELP", True))(module.command)
 
 
 def main() -> None:

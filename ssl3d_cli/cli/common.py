@@ -11,17 +11,62 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
+# Every boolean option is an on/off pair (--verify / --no-verify, the typer convention); Ssl3dCommand also reads
+# --verify=true / --verify false. NoProgressOpt keeps its negative meaning (True: no bars) with --progress as its "off".
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (splits, augmentations, MC dropout).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout: what was written, key figures.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug messages on stderr.")]
-NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bars or periodic progress lines.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the Python traceback on errors.")]
+JsonOpt = Annotated[bool, typer.Option("--json/--no-json", help="Print one JSON object on stdout: what was written, key figures.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet/--no-quiet", "-q", help="Only warnings and errors on stderr.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose/--no-verbose", "-v", help="Debug messages on stderr.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress/--progress", help="No progress bars or periodic progress lines.")]
+DebugOpt = Annotated[bool, typer.Option("--debug/--no-debug", help="Show the Python traceback on errors.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: the cores available).")]
 CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Root of preprocessed caches (default: $SSL3D_CACHE_DIR or the user cache dir).")]
+
+
+#: Spelled-out values a boolean option accepts as ``--flag=VALUE``; ``--flag VALUE`` takes only true/false (a positional
+#: argument could be any other word).
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def spelled_out_booleans(params: list[Any], args: list[str]) -> list[str]:
+    """``args`` with ``--flag=true`` / ``--flag false`` (any case) turned into ``--flag`` / ``--no-flag``.
+
+    Only boolean on/off options among ``params`` (click parameters) are touched, and only their long names; anything
+    else, and everything after ``--``, is left for the parser (an unknown value after ``=`` is still its error).
+    """
+    spellings: dict[str, tuple[str, str]] = {}  # option name -> (its spelling for true, for false)
+    for p in params:
+        if getattr(p, "is_bool_flag", False) and getattr(p, "secondary_opts", None):
+            on, off = next(o for o in p.opts if o.startswith("--")), p.secondary_opts[0]
+            spellings.update({o: (on, off) for o in p.opts if o.startswith("--")})
+            spellings.update({o: (off, on) for o in p.secondary_opts})
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return out + args[i:]
+        name, eq, value = arg.partition("=")
+        if eq and name in spellings and value.lower() in _TRUE_WORDS + _FALSE_WORDS:
+            out.append(spellings[name][value.lower() in _FALSE_WORDS])
+        elif arg in spellings and i + 1 < len(args) and args[i + 1].lower() in ("true", "false"):
+            out.append(spellings[arg][args[i + 1].lower() == "false"])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+class Ssl3dCommand(TyperCommand):
+    """A subcommand whose boolean options also take a spelled-out value (:func:`spelled_out_booleans`)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, spelled_out_booleans(self.params, args))
 
 
 class _CurrentStderrHandler(logging.StreamHandler):
@@ -92,7 +137,7 @@ def fail(message: str, code: int = 2) -> None:
 BATCH_EXIT_CODES = ("Exit status: 0 every case done (or kept); 2 a bad option, model or scan, named in one line (without --skip-bad "
                     "the batch stops there and the line counts the cases left); 3 out of memory; 4 with --skip-bad some cases failed "
                     "(each listed with its reason, the others done).")
-SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Continue past cases that cannot be read or preprocessed; list each "
+SkipBadOpt = Annotated[bool, typer.Option("--skip-bad/--no-skip-bad", help="Continue past cases that cannot be read or preprocessed; list each "
                                           "with its reason at the end and exit 4 if any failed.")]
 
 

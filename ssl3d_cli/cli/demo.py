@@ -18,8 +18,8 @@ NO_ARGS_HELP = False
 
 def command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for everything the demo writes.")] = Path("ssl3d-demo"),
-    full: Annotated[bool, typer.Option("--full", help="Paper-sized settings (128^3, 5 levels, K=4, long training): use a GPU.")] = False,
-    tiny: Annotated[bool, typer.Option("--tiny", help="Smallest settings (seconds; for tests and CI).")] = False,
+    full: Annotated[bool, typer.Option("--full/--no-full", help="Paper-sized settings (128^3, 5 levels, K=4, long training): use a GPU.")] = False,
+    tiny: Annotated[bool, typer.Option("--tiny/--no-tiny", help="Smallest settings (seconds; for tests and CI).")] = False,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
     seed: SeedOpt = 0,

@@ -15,8 +15,9 @@ HELP = ("Dice per class, foreground mean, BraTS regions WT/TC/ET, HD95 (mm) and 
         "array as background; HD95 = max of the two directed 95th percentiles; NSD counts surface voxels within the "
         "tolerance. Empty masks: Dice 1 when both are empty; HD95 0 (both) or the volume diagonal (one); NSD 1 (both) or 0 "
         "(one). The JSON output records these conventions and the tolerance.")
-EPILOG = ("Examples: ssl3d evaluate preds/ ./Task07_Pancreas  |  ssl3d evaluate preds/ labels/ --csv scores.csv --json  |  "
-          "ssl3d evaluate preds/ labels/ --nsd-tolerance 1")
+EPILOG = ("Examples: ssl3d evaluate preds/ ./Task07_Pancreas  |  ssl3d evaluate preds/ labels/ --csv scores.csv -o scores.json  |  "
+          "ssl3d evaluate preds/ labels/ --nsd-tolerance 1.  Classes are named as the labels' dataset names them; for a plain "
+          "folder of label files, as PREDICTIONS/predict_args.json (written by ssl3d predict) names them.")
 
 
 def print_table(result: dict[str, Any], *, cases: bool = True) -> None:
@@ -58,9 +59,11 @@ def print_table(result: dict[str, Any], *, cases: bool = True) -> None:
 def command(
     predictions: Annotated[Path, typer.Argument(help="Folder of <case>.nii.gz predictions.")],
     labels: Annotated[Path, typer.Argument(help="Dataset folder, folder of label files, or a cache.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", metavar="FILE.json", help="Also write the summary (what --json prints: "
+                                                "per-case rows, means, class names, conventions) to this JSON file.")] = None,
     csv: Annotated[Path | None, typer.Option("--csv", help="Also write the table as CSV.")] = None,
-    no_hd95: Annotated[bool, typer.Option("--no-hd95", help="Dice only (faster): skips both surface metrics, HD95 and NSD, which share "
-                                          "the distance maps, the slow part.")] = False,
+    hd95: Annotated[bool, typer.Option("--hd95/--no-hd95", help="The surface metrics, HD95 and NSD (--no-hd95: Dice only, faster; both "
+                                     "share the distance maps, the slow part).")] = True,
     nsd_tolerance: Annotated[float, typer.Option("--nsd-tolerance", metavar="MM", min=0.0,
                                                  help="Tolerance of the normalised surface Dice, in mm.")] = 2.0,
     probabilities: Annotated[Path | None, typer.Option("--probabilities", help="Folder of <case>_probabilities.nii.gz (predict "
@@ -79,7 +82,13 @@ def command(
     def body() -> dict:
         from ssl3d_cli.stages.evaluate import evaluate
 
-        return evaluate(predictions, labels, csv_path=csv, with_hd95=not no_hd95, nsd_tolerance_mm=nsd_tolerance,
-                        probabilities=probabilities, uncertainty=uncertainty, reliability_figure=reliability_figure)
+        return evaluate(predictions, labels, csv_path=csv, with_hd95=hd95, nsd_tolerance_mm=nsd_tolerance,
+                        probabilities=probabilities, uncertainty=uncertainty, reliability_figure=reliability_figure,
+                        json_path=output)
 
-    run_stage(body, as_json=json_out, quiet=quiet, verbose=verbose, no_progress=no_progress, debug=debug, human=print_table)
+    def human(r: dict) -> None:
+        print_table(r)
+        if r.get("json"):
+            typer.echo(f"Summary written to {r['json']}")
+
+    run_stage(body, as_json=json_out, quiet=quiet, verbose=verbose, no_progress=no_progress, debug=debug, human=human)

@@ -32,7 +32,7 @@ EPILOG = ("Examples: ssl3d finetune ./Task07_Pancreas --encoder runs/pretrain-..
 def command(
     dataset: Annotated[Path, typer.Argument(help="Labelled dataset folder (preprocessed on demand) or its cache.")],
     encoder: Annotated[Path | None, typer.Option(help="encoder.pt from `ssl3d pretrain` (default: the newest pretraining run of this dataset).")] = None,
-    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Random initialisation: the paper's baseline.")] = False,
+    from_scratch: Annotated[bool, typer.Option("--from-scratch/--no-from-scratch", help="Random initialisation: the paper's baseline.")] = False,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Run folder (default runs/finetune-<dataset>-<time>).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs. The paper: 400.")] = 400,
     freeze_epochs: Annotated[int, typer.Option("--freeze-epochs", help="Epochs with the pretrained encoder frozen (warm-up).")] = 25,
@@ -41,7 +41,7 @@ def command(
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Validation share of the rest (for the best checkpoint).")] = 0.1,
     split: Annotated[Path | None, typer.Option("--split", help="Reuse a split.json from another run of this dataset.")] = None,
     class_weights: Annotated[str | None, typer.Option("--class-weights", help="Dice weight per class, e.g. 1,2,2 (default uniform).")] = None,
-    exclude_background: Annotated[bool, typer.Option("--exclude-background", help="Leave class 0 out of the Dice loss.")] = False,
+    exclude_background: Annotated[bool, typer.Option("--exclude-background/--no-exclude-background", help="Leave class 0 out of the Dice loss.")] = False,
     dice_smooth: Annotated[float, typer.Option("--dice-smooth", help="Smoothing s of Eq. 2.")] = 1e-5,
     loss: Annotated[str, typer.Option(help="dice (Eq. 2) or dice-ce.")] = "dice",
     dropout_encoder: Annotated[float, typer.Option("--dropout-encoder", help="Encoder dropout while training; MC-dropout prediction samples "
@@ -52,12 +52,12 @@ def command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Volumes per step per GPU.")] = 2,
     lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.")] = 1e-3,
     warmup_epochs: Annotated[int, typer.Option("--warmup-epochs")] = 5,
-    no_augment: Annotated[bool, typer.Option("--no-augment", help="No flips/rotations/intensity jitter.")] = False,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flips, small rotations and intensity jitter while training.")] = True,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 10,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from last.pt (of -o or the newest run of this dataset).")] = False,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from last.pt (of -o or the newest run of this dataset).")] = False,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
-    no_test: Annotated[bool, typer.Option("--no-test", help="Skip the test-set predictions and table at the end.")] = False,
-    deterministic: Annotated[bool, typer.Option("--deterministic")] = False,
+    test: Annotated[bool, typer.Option("--test/--no-test", help="Predict the held-out test set and print its table at the end.")] = True,
+    deterministic: Annotated[bool, typer.Option("--deterministic/--no-deterministic", help="Deterministic kernels (slower on GPU).")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = 0,
@@ -81,10 +81,10 @@ def command(
             epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size, label_fraction=label_fraction, test_fraction=test_fraction,
             val_fraction=val_fraction, class_weights=parse_float_list(class_weights, option="--class-weights") if class_weights else (),
             include_background=not exclude_background, dice_smooth=dice_smooth, loss=loss, learning_rate=lr, warmup_epochs=warmup_epochs,
-            checkpoint_every=checkpoint_every, augment=not no_augment, from_scratch=from_scratch, workers=workers, model=model)
+            checkpoint_every=checkpoint_every, augment=augment, from_scratch=from_scratch, workers=workers, model=model)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed, deterministic=deterministic)
         return finetune(dataset, encoder=encoder, config=config, runtime=runtime, preprocess_config=PreprocessConfig(size=parse_size(size)),
-                        output=output, resume=resume, split_file=split, cache_root=cache_dir, evaluate_test=not no_test)
+                        output=output, resume=resume, split_file=split, cache_root=cache_dir, evaluate_test=test)
 
     def human(r: dict) -> None:
         used = r["labelled_used"]

@@ -36,7 +36,10 @@ EPILOG = ("Examples: ssl3d predict scan.nii.gz --mc-samples 100 --vote borda  | 
 ModelOpt = Annotated[Path | None, typer.Option("--model", help="model.pt from `ssl3d finetune`, or its run folder (default: the newest "
                                               "run fine-tuned on the inputs' dataset; for scans outside a dataset folder, the only "
                                               "fine-tuned run; the choice is printed even with -q).")]
-McSamplesOpt = Annotated[int, typer.Option("--mc-samples", help="MC-dropout samples N (0 or 1: one deterministic pass). The paper: 100.")]
+McSamplesOpt = Annotated[int, typer.Option("--mc-samples", help="MC-dropout samples N (0 or 1: one deterministic pass, dropout off). "
+                                            "Default 0: one pass, the fastest segmentation and the paper's deterministic baseline; the "
+                                            "paper's MC-dropout results vote over 100. `ssl3d uncertainty` defaults to 100 because its "
+                                            "maps are statistics over the samples.")]
 DropEncOpt = Annotated[float | None, typer.Option("--dropout-encoder", help="Encoder dropout rate while sampling (default: the rate the "
                                                   "model was trained with; another rate is noise injection and is warned about).")]
 DropDecOpt = Annotated[float | None, typer.Option("--dropout-decoder", help="Decoder dropout rate while sampling (default: the model's "
@@ -57,8 +60,9 @@ def command(
     dropout_encoder: DropEncOpt = None,
     dropout_decoder: DropDecOpt = None,
     mc_batch: McBatchOpt = 0,
-    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write mean class probabilities (4D NIfTI).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute every case, even those whose provenance matches this run.")] = False,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities/--no-save-probabilities",
+                                                    help="Also write mean class probabilities (4D NIfTI).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Recompute every case, even those whose provenance matches this run.")] = False,
     skip_bad: SkipBadOpt = False,
     shard: ShardOpt = None,
     split: SplitOpt = None,

@@ -7,11 +7,15 @@ from typing import Annotated
 
 import typer
 
-from ssl3d_cli.cli.common import DebugOpt, JsonOpt, NoProgressOpt, QuietOpt, SeedOpt, VerboseOpt, run_stage
+from ssl3d_cli.cli.common import DebugOpt, JsonOpt, NoProgressOpt, QuietOpt, VerboseOpt, run_stage
 
 NAME = "synth"
 HELP = "Write a synthetic CT-like (pancreas) or MR-like (BraTS) dataset in the MSD layout."
 EPILOG = "Example: ssl3d synth ./Task99_Synth --kind ct --cases 12"
+
+SynthSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the synthetic data: every case's voxel spacing, field of view, "
+                                           "anatomy and lesion shapes, intensities and noise. The same seed and options write the same "
+                                           "dataset.")]
 
 
 def command(
@@ -21,8 +25,8 @@ def command(
     unlabelled: Annotated[int | None, typer.Option(help="Unlabelled cases in imagesTs (default: cases/4, at least 1).")] = None,
     shape: Annotated[tuple[int, int, int] | None, typer.Option(help="Base voxel shape X Y Z (each case varies around it).")] = None,
     layout: Annotated[str, typer.Option(help="msd, or brats (one folder per case; --kind mr).")] = "msd",
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty folder.")] = False,
-    seed: SeedOpt = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace a non-empty folder.")] = False,
+    seed: SynthSeedOpt = 0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,

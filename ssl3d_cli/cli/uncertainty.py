@@ -25,27 +25,42 @@ from ssl3d_cli.cli.common import (
 from ssl3d_cli.cli.predict import DropDecOpt, DropEncOpt, McBatchOpt, ModelOpt, ShardOpt, SplitOpt
 
 NAME = "uncertainty"
-HELP = ("Per-voxel percentile heat maps (5th/50th/95th) of a class's probability over MC-dropout samples, predictive entropy, "
-        "mutual information, std, and a PNG in the style of the paper's Figure 7; all in the scan's geometry.")
-EPILOG = ("Example: ssl3d uncertainty scan.nii.gz --mc-samples 100 --class tumour --percentiles 5,50,95 --label truth.nii.gz.  "
-          + BATCH_EXIT_CODES)
+HELP = ("Per-voxel percentile heat maps (5th/50th/95th) over MC-dropout samples of the probability of a class (or classes, "
+        "or a region), its std, predictive entropy and mutual information, a PNG in the style of the paper's Figure 7, and from "
+        "the same samples the segmentation (--vote, as `ssl3d predict` writes it); all in the scan's geometry.")
+EPILOG = ("Example: ssl3d uncertainty scan.nii.gz --mc-samples 100 --class tumour --percentiles 5,50,95 --label truth.nii.gz  |  "
+          "ssl3d uncertainty ./Task07_Pancreas/imagesTr --class tumour --label ./Task07_Pancreas -o unc/.  "
+          "Files: <case>.nii.gz (segmentation), <case>_entropy.nii.gz, <case>_mutual_information.nii.gz (over all classes), "
+          "<case>_<target>_p05.nii.gz (one per percentile), <case>_<target>_std.nii.gz, <case>_<target>_uncertainty.png, where "
+          "<target> is the class name (organ), names joined by + (organ+lesion), a region (WT) or foreground; "
+          "<case>.provenance.json and <case>_<target>.provenance.json (an existing case is kept only when both match this run "
+          "and its files exist, else recomputed); uncertainty_args.json describes the run.  " + BATCH_EXIT_CODES)
 
 
 def command(
     inputs: Annotated[list[Path], typer.Argument(help="NIfTI file(s), a folder, a BraTS case folder or a dataset.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("uncertainty"),
     model: ModelOpt = None,
-    mc_samples: Annotated[int, typer.Option("--mc-samples", help="MC-dropout samples (at least 2; the paper: 100).")] = 100,
-    class_: Annotated[list[str] | None, typer.Option("--class", help="Target class (name or value; repeat to sum) or a region: WT, TC, ET.")] = None,
+    mc_samples: Annotated[int, typer.Option("--mc-samples", help="MC-dropout samples N: at least 2, default 100 (the paper's). "
+                                            "`ssl3d predict` defaults to one deterministic pass, which gives labels but no "
+                                            "spread to measure.")] = 100,
+    class_: Annotated[list[str] | None, typer.Option("--class", help="Target class (name or value; repeat to sum) or a region: WT, TC, "
+                                                     "ET. Default: all foreground classes summed (files named 'foreground').")] = None,
     percentiles: Annotated[str, typer.Option(help="Comma list in 0..100.")] = "5,50,95",
-    label: Annotated[Path | None, typer.Option("--label", help="Truth label file: its region is outlined in the figure.")] = None,
-    no_figure: Annotated[bool, typer.Option("--no-figure", help="Skip the PNG.")] = False,
-    vote: Annotated[str, typer.Option(help="Vote rule for the predicted outline when no --label is given.")] = "majority",
+    label: Annotated[Path | None, typer.Option("--label", help="Truth outlined in the figure: a label file (one input case), or a "
+                                               "folder matched by case name as `ssl3d evaluate` matches (a dataset folder, a folder "
+                                               "of label files, or a cache). Cases without a label get the prediction outlined.")] = None,
+    figure: Annotated[bool, typer.Option("--figure/--no-figure", help="Write the PNG (percentile panels over the scan).")] = True,
+    vote: Annotated[str, typer.Option(help="Vote rule of the segmentation (and the figure's predicted outline): majority | weighted | "
+                                      "weighted-probs | borda | union | mean.")] = "majority",
+    vote_weights: Annotated[str | None, typer.Option("--vote-weights", help="Per-class weights for weighted / weighted-probs, e.g. 1,2,2.")] = None,
+    union_class: Annotated[list[str] | None, typer.Option("--union-class", help="Class for --vote union (name or value; repeat, first wins).")] = None,
     dropout_encoder: DropEncOpt = None,
     dropout_decoder: DropDecOpt = None,
     mc_batch: McBatchOpt = 0,
     shard: ShardOpt = None,
     split: SplitOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Recompute every case, even those whose provenance matches this run.")] = False,
     skip_bad: SkipBadOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -62,18 +77,23 @@ def command(
         from ssl3d_cli.stages.uncertainty import uncertainty
 
         mc = MCConfig(mc_samples=mc_samples, dropout_encoder=dropout_encoder, dropout_decoder=dropout_decoder, vote=vote,
-                      mc_batch=mc_batch, seed=seed)
+                      vote_weights=parse_float_list(vote_weights, option="--vote-weights") if vote_weights else (),
+                      union_classes=tuple(union_class or ()), mc_batch=mc_batch, seed=seed)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed)
         return uncertainty(inputs, output=output, model=model, mc=mc, runtime=runtime, classes=list(class_ or []),
-                           percentiles=list(parse_float_list(percentiles, option="--percentiles")), label=label, figure=not no_figure,
-                           shard=shard, split=split, skip_bad=skip_bad)
+                           percentiles=list(parse_float_list(percentiles, option="--percentiles")), label=label, figure=figure,
+                           overwrite=overwrite, shard=shard, split=split, skip_bad=skip_bad)
 
     def human(r: dict) -> None:
         for c in r["cases"]:
             typer.echo(f"{c['case']}: " + ", ".join(Path(p).name for p in c["files"].values()) + (f", {Path(c['figure']).name}" if "figure" in c else ""))
+        if r["kept"]:
+            typer.echo(f"{len(r['kept'])} case(s) kept (same model, settings and inputs): " + ", ".join(r["kept"][:5])
+                       + (", ..." if len(r["kept"]) > 5 else ""))
         for f in r["failed"]:
             typer.echo(f"failed {f['case']}: {f['error']}")
-        typer.echo(f"Maps of p({r['target']}) from {r['mc_samples']} samples in {r['output']} (model {r['model']})")
+        typer.echo(f"Maps of p({r['target']}) and {r['vote']}-vote labels from {r['mc_samples']} samples in {r['output']} "
+                   f"(model {r['model']}; {Path(r['args']).name})")
 
     run_stage(body, as_json=json_out, quiet=quiet, verbose=verbose, no_progress=no_progress, debug=debug, human=human,
               check=raise_if_cases_failed)

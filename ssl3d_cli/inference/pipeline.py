@@ -21,7 +21,7 @@ import torch
 from ssl3d_cli import checkpoints
 from ssl3d_cli.config import MCConfig, ModelConfig, RuntimeConfig
 from ssl3d_cli.data.datasets import CaseSpec
-from ssl3d_cli.data.nifti import load_scan
+from ssl3d_cli.data.nifti import Scan, load_scan
 from ssl3d_cli.data.preprocessing import CaseGeometry, preprocess_arrays, restore_scores, unmap_labels
 from ssl3d_cli.data.summary import DatasetSummary
 from ssl3d_cli.errors import CheckpointError, ConfigError, InputDataError
@@ -91,28 +91,35 @@ def open_segmenter(model: Path | None, runtime: RuntimeConfig, *, dataset_name: 
     return seg
 
 
-def prepare_case(seg: Segmenter, case: CaseSpec) -> tuple[torch.Tensor, CaseGeometry]:
-    """Read a scan and apply the model's own preprocessing (image-only crop, normalise, resize).
+def read_case_scan(seg: Segmenter, case: CaseSpec) -> Scan:
+    """Read a case's scan (C, X, Y, Z) on its own grid, checking its channels against the model's."""
+    channels = seg.dataset.channel_names
+    if len(case.image_paths) > 1 and len(case.image_paths) != len(channels):
+        raise InputDataError(f"case {case.case_id}: {len(case.image_paths)} channel files; the model expects {len(channels)} "
+                             f"({', '.join(channels)})")
+    scan = load_scan(case.image_paths)
+    if scan.data.shape[0] != len(channels):
+        raise InputDataError(f"{case.image_paths[0]}: has {scan.data.shape[0]} channel(s); the model expects {len(channels)} "
+                             f"({', '.join(channels)})")
+    return scan
+
+
+def prepare_scan(seg: Segmenter, scan: Scan) -> tuple[torch.Tensor, CaseGeometry]:
+    """Apply the model's own preprocessing (image-only crop, normalise, resize) to a scan read by :func:`read_case_scan`.
 
     Returns:
         image (1, C, D, H, W) on the device, and the geometry that maps results back.
     """
-    channels = seg.dataset.channel_names
-    if len(case.image_paths) == 1:
-        scan = load_scan(case.image_paths)
-        if scan.data.shape[0] != len(channels):
-            raise InputDataError(f"{case.image_paths[0]}: has {scan.data.shape[0]} channel(s); the model expects {len(channels)} "
-                                 f"({', '.join(channels)})")
-    else:
-        if len(case.image_paths) != len(channels):
-            raise InputDataError(f"case {case.case_id}: {len(case.image_paths)} channel files; the model expects {len(channels)} "
-                                 f"({', '.join(channels)})")
-        scan = load_scan(case.image_paths)
     config = seg.dataset.preprocess_config()
     pre = preprocess_arrays(scan.data, scan.affine, modality=seg.dataset.modality, config=config)
     # round through the cache dtype (float16 by default) so the network sees exactly what it was trained on
     image = torch.from_numpy(pre.image.astype(config.dtype).astype(np.float32))[None].to(seg.device)
     return image, pre.geometry
+
+
+def prepare_case(seg: Segmenter, case: CaseSpec) -> tuple[torch.Tensor, CaseGeometry]:
+    """Read a scan and apply the model's own preprocessing: :func:`read_case_scan` then :func:`prepare_scan`."""
+    return prepare_scan(seg, read_case_scan(seg, case))
 
 
 def sampling_rates(seg: Segmenter, mc: MCConfig, *, warn: bool = True) -> MCConfig:

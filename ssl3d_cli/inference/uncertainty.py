@@ -11,6 +11,8 @@ Samples of p(target) are kept as uint8 (resolution 1/255): 100 samples at 128^3 
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 _CHUNK = 1 << 18  # voxels per quantile call (bounds the float copy of the store)
@@ -63,3 +65,13 @@ def percentile_name(q: float) -> str:
     """5 -> 'p05', 50 -> 'p50', 2.5 -> 'p02_5' (zero-padded so names sort and scripts can rely on them)."""
     whole = int(q)
     return f"p{whole:02d}" if q == whole else f"p{whole:02d}_{str(q).split('.')[1]}"
+
+
+def target_file_name(name: str) -> str:
+    """The target's part of a file name: letters, digits, ``+``, ``-`` and ``.`` kept, anything else run together as ``-``.
+
+    ``organ`` -> ``organ``, ``WT`` -> ``WT``, ``organ+lesion`` -> ``organ+lesion``, ``left kidney/cortex`` ->
+    ``left-kidney-cortex``; a name with nothing left (``..``) -> ``target``.
+    """
+    token = re.sub(r"[^A-Za-z0-9+.-]+", "-", name).strip("-.")
+    return token or "target"

@@ -23,7 +23,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
     Under torchrun the local rank picks the CUDA device.
     """
     spec = spec.strip().lower()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # torchrun sets LOCAL_RANK; a plain srun step only SLURM_LOCALID (init_distributed maps it later, after the device is chosen)
+    local_rank = int(os.environ.get("LOCAL_RANK") or (os.environ.get("SLURM_LOCALID", "0") if int(os.environ.get("SLURM_NTASKS", "1")) > 1 else "0"))
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,14 @@ from ssl3d_cli.data.cache import Cache
 from ssl3d_cli.data.datasets import discover_dataset, evaluation_regions
 from ssl3d_cli.data.nifti import GEOMETRY_ATOL_MM, is_nifti, spacing_from_affine, strip_nifti_suffix
 from ssl3d_cli.errors import ConfigError, InputDataError
-from ssl3d_cli.files import atomic_write_text
+from ssl3d_cli.files import atomic_write_json, atomic_write_text, check_writable
 from ssl3d_cli.metrics import DEFAULT_NSD_TOLERANCE_MM, case_metrics, conventions, mean_metrics
 from ssl3d_cli.runtime import progress
 
 log = logging.getLogger("ssl3d")
 
 
-def _label_sources(labels: Path) -> tuple[dict[str, Path], list[int] | None, list[str] | None, dict[str, list[int]]]:
+def label_sources(labels: Path) -> tuple[dict[str, Path], list[int] | None, list[str] | None, dict[str, list[int]]]:
     """Case -> label file, with declared label values/class names/regions when known."""
     if (labels / "manifest.json").exists():
         cache = Cache(labels)
@@ -42,6 +43,24 @@ def _label_sources(labels: Path) -> tuple[dict[str, Path], list[int] | None, lis
     return files, values, spec.class_names or None, regions
 
 
+def _prediction_classes(predictions: Path) -> tuple[list[int], list[str], Path] | None:
+    """(label values, class names, the record) as ``ssl3d predict`` recorded them in ``predict_args.json`` (or a shard's
+    ``predict_args.shard-I-of-N.json``), None when the folder has no such record or it names no classes."""
+    records = [predictions / "predict_args.json"] + sorted(predictions.glob("predict_args.shard-*.json"))
+    for path in records:
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text())
+            values, names = [int(v) for v in record["label_values"]], [str(n) for n in record["class_names"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s: not a readable predict record with class_names and label_values; ignored", path)
+            continue
+        if len(values) == len(names) and values:
+            return values, names, path
+    return None
+
+
 def evaluate(
     predictions: Path | str,
     labels: Path | str,
@@ -56,8 +75,12 @@ def evaluate(
     probabilities: Path | str | None = None,
     uncertainty: Path | str | None = None,
     reliability_figure: Path | str | None = None,
+    json_path: Path | str | None = None,
 ) -> dict[str, Any]:
     """Compare every prediction with its label (matched by case name).
+
+    Classes are named as the labels' dataset (or cache) names them; for a plain folder of label files, as the
+    predictions' ``predict_args.json`` (written by ``ssl3d predict``) names them; else ``label<value>``.
 
     Args:
         predictions: folder of ``<case>.nii.gz``.
@@ -70,6 +93,7 @@ def evaluate(
             Brier and NLL over the scan and the region of interest, pooled values, and a reliability diagram.
         uncertainty: folder of ``<case>_entropy.nii.gz`` (``ssl3d uncertainty``): adds the uncertainty-error overlap.
         reliability_figure: where the reliability diagram goes (default ``PREDICTIONS/reliability.png``).
+        json_path: also write the result (what ``--json`` prints) to this JSON file, atomically.
     Returns:
         {"cases": [row per case], "mean": {...}, "class_names": [...], "missing": [...], "conventions": {...}}; a row
         holds dice_<name>, hd95_<name> (mm), nsd_<name> per class and region, and dice_mean_fg.
@@ -80,7 +104,12 @@ def evaluate(
     for p, what in ((predictions, "predictions"), (labels, "labels")):
         if not p.is_dir():
             raise InputDataError(f"{p}: {what} folder not found")
-    label_files, values, names, found_regions = _label_sources(labels)
+    if json_path is not None:
+        json_path = Path(json_path).expanduser()
+        if json_path.is_dir():
+            raise ConfigError(f"-o {json_path}: is a folder; give the JSON file to write, e.g. {json_path / 'evaluation.json'}")
+        check_writable(json_path.parent)
+    label_files, values, names, found_regions = label_sources(labels)
     if case_ids is not None:
         label_files = {c: p for c, p in label_files.items() if c in set(case_ids)}
     preds = {strip_nifti_suffix(p.name): p for p in predictions.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith(".")}
@@ -90,6 +119,14 @@ def evaluate(
     missing = sorted(set(label_files) - set(preds))
     if missing:
         log.warning("%d labelled case(s) have no prediction (e.g. %s); evaluating %d", len(missing), missing[0], len(matched))
+    if names is None and class_names is None:
+        recorded = _prediction_classes(predictions)
+        if recorded is not None and (values is None or list(values) == recorded[0]):
+            values, names = recorded[0], recorded[1]
+            found_regions = found_regions or evaluation_regions(names, values)
+            log.info("class names from %s: %s", recorded[2], ", ".join(names))
+        elif recorded is not None:
+            log.warning("%s names label values %s, the labels %s: classes named label<value>", recorded[2], recorded[0], values)
     values = label_values or values
     names = class_names or names
     regions = regions if regions is not None else found_regions
@@ -123,6 +160,9 @@ def evaluate(
     if csv_path is not None:
         write_csv(result, Path(csv_path))
         result["csv"] = str(csv_path)
+    if json_path is not None:
+        result["json"] = str(json_path)
+        atomic_write_json(json_path, json.loads(json.dumps(result, default=str)))  # as --json prints it
     return result
 
 

@@ -214,8 +214,10 @@ def finetune(
         if encoder_size != data.size:
             log.warning("encoder was pretrained on %s volumes, fine-tuning on %s", list(encoder_size), list(data.size))
     freeze_epochs = config.freeze_epochs if encoder_path else 0  # a random encoder is not frozen (the baseline)
+    # the cache's folder is provenance; --resume compares its content fingerprint, so the cache may move or be re-made
     full_config = {"finetune": config.to_dict(), "runtime": runtime.to_dict(), "preprocess": data.preprocess,
-                   "cache": str(cache.root), "encoder": str(encoder_path) if encoder_path else None, "world_size": ctx.dist.world_size,
+                   "cache": str(cache.root), "cache_content": cache.content_fingerprint(),
+                   "encoder": str(encoder_path) if encoder_path else None, "world_size": ctx.dist.world_size,
                    "split": {k: sorted(v) for k, v in split.items()}}
     t_start = time.perf_counter()
     with TrainingRun("finetune" if encoder_path else "scratch", data.name, config=full_config, output=output, resume=resume,

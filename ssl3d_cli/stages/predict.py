@@ -291,12 +291,52 @@ def plan_cases(cases: list[CaseSpec], out_dir: Path, provenance: RunProvenance, 
     return todo, kept
 
 
-def args_path(out_dir: Path, shard: str | None) -> Path:
-    """``predict_args.json``; one file per shard (``predict_args.shard-I-of-N.json``) when array jobs share ``-o``."""
+def args_path(out_dir: Path, shard: str | None, stem: str = "predict_args") -> Path:
+    """``predict_args.json``; one file per shard (``predict_args.shard-I-of-N.json``) when array jobs share ``-o``.
+
+    ``stem`` names another command's record (``uncertainty_args``).
+    """
     if shard is None:
-        return out_dir / "predict_args.json"
+        return out_dir / f"{stem}.json"
     index, count = parse_shard(shard)
-    return out_dir / f"predict_args.shard-{index}-of-{count}.json"
+    return out_dir / f"{stem}.shard-{index}-of-{count}.json"
+
+
+def run_recorded(todo: list[tuple[CaseSpec, str]], work: Callable[[CaseSpec], dict[str, Any]], *, record_file: Path,
+                 description: dict[str, Any], kept: list[dict[str, str]], progress_label: str, skip_bad: bool,
+                 provenance_keys: tuple[str, ...] = ("provenance",)) -> BatchResult:
+    """Run the cases to compute while keeping the run's record (``predict_args.json``) current.
+
+    The record is written when the run starts (``status: running``), after every case, and at the end
+    (``finished``, or ``stopped`` when a bad scan without ``--skip-bad``, Ctrl-C or a signal ends the batch).
+
+    Args:
+        todo: each case to compute with why (:data:`NEW_CASE` or the reasons its earlier output was stale).
+        work: computes and writes one case; its record holds ``case`` and, under ``provenance_keys``, record paths.
+        record_file: the run's record.
+        description: what the run is (model, settings, inputs), written at the top of the record.
+        kept: one row per case kept as it was.
+        progress_label: the progress bar's label.
+        skip_bad: see :func:`run_cases`.
+        provenance_keys: keys of ``work``'s record naming provenance files, listed (by file name) in ``written``.
+    """
+    why = {case.case_id: reason for case, reason in todo}
+
+    def save(batch: BatchResult, status: str) -> None:
+        written = [{"case": r["case"], "why": why[r["case"]], **{k: Path(r[k]).name for k in provenance_keys}} for r in batch.done]
+        atomic_write_json(record_file, {"status": status, **description, "written": written, "kept": kept, "failed": batch.failed,
+                                        "not_processed": batch.pending})
+
+    batch = BatchResult(pending=list(why))
+    save(batch, "running")
+    try:
+        run_cases([c for c, _ in todo], work, description=progress_label, skip_bad=skip_bad, result=batch,
+                  on_case=lambda b: save(b, "running"))
+    except BaseException:  # a bad scan without --skip-bad, Ctrl-C, SIGTERM: the record says what was and was not done
+        save(batch, "stopped")
+        raise
+    save(batch, "finished")
+    return batch
 
 
 def predict(
@@ -352,12 +392,6 @@ def predict(
     }
     kept_records = [{"case": c.case_id, "provenance": provenance_path(out_dir, c.case_id).name} for c in kept]
 
-    def save_args(batch: BatchResult, status: str) -> None:
-        atomic_write_json(record_file, {"status": status, **description,
-                                        "written": [{"case": r["case"], "why": why[r["case"]], "provenance": Path(r["provenance"]).name}
-                                                    for r in batch.done],
-                                        "kept": kept_records, "failed": batch.failed, "not_processed": batch.pending})
-
     def work(case: CaseSpec) -> dict[str, Any]:
         record = predict_one(seg, case, out_dir, mc=mc, union_classes=union_classes, save_probabilities=save_probabilities,
                              provenance=provenance)
@@ -365,15 +399,8 @@ def predict(
             log.info("case %s: recomputed (%s)", case.case_id, why[case.case_id])
         return record
 
-    batch = BatchResult(pending=list(why))
-    save_args(batch, "running")
-    try:
-        run_cases([c for c, _ in todo], work, description="Predicting", skip_bad=skip_bad, result=batch,
-                  on_case=lambda b: save_args(b, "running"))
-    except BaseException:  # a bad scan without --skip-bad, Ctrl-C, SIGTERM: the record says what was and was not done
-        save_args(batch, "stopped")
-        raise
-    save_args(batch, "finished")
+    batch = run_recorded(todo, work, record_file=record_file, description=description, kept=kept_records, progress_label="Predicting",
+                         skip_bad=skip_bad)
     return {"output": str(out_dir), "model": str(seg.path), "model_chosen_by": seg.chosen_by, "predicted": len(batch.done),
             "skipped_existing": len(kept), "kept": [c.case_id for c in kept],
             "written": [{"case": r["case"], "why": why[r["case"]]} for r in batch.done], "failed": batch.failed,

@@ -135,8 +135,10 @@ def pretrain(
     if config.negatives == "volume" and config.patches_per_side == 1:
         raise ConfigError("--negatives volume with --patches-per-side 1 leaves no negatives; use --negatives batch or more patches")
     seed_everything(runtime.seed, deterministic=runtime.deterministic)
+    # the cache's folder is provenance; --resume compares its content fingerprint, so the cache may move or be re-made
     full_config = {"pretrain": config.to_dict(), "runtime": runtime.to_dict(), "preprocess": cache.dataset.preprocess,
-                   "cache": str(cache.root), "world_size": ctx.dist.world_size, "simclr_view_policy": VIEW_POLICY}
+                   "cache": str(cache.root), "cache_content": cache.content_fingerprint(), "world_size": ctx.dist.world_size,
+                   "simclr_view_policy": VIEW_POLICY}
     t_start = time.perf_counter()
     with TrainingRun("pretrain", cache.dataset.name, config=full_config, output=output, resume=resume, device=ctx.device, dist=ctx.dist,
                      precision=ctx.precision, seed=runtime.seed) as run:

@@ -1,8 +1,28 @@
-"""``ssl3d uncertainty``: percentile heat maps, entropy, mutual information and std from MC dropout."""
+"""``ssl3d uncertainty``: percentile heat maps, entropy, mutual information and std from MC dropout, and from the same
+samples the segmentation, so that labels and maps cost one MC pass.
+
+Files in the output folder, all in the scan's geometry (``<target>`` is the target as a file name, see
+:func:`ssl3d_cli.inference.uncertainty.target_file_name`: ``organ``, ``WT``, ``organ+lesion``, ``foreground``):
+
+- ``<case>.nii.gz``: the segmentation by ``--vote`` in the dataset's label values, exactly as ``ssl3d predict`` writes it;
+- ``<case>_entropy.nii.gz``, ``<case>_mutual_information.nii.gz``: over all classes, so without a target in the name;
+- ``<case>.provenance.json``: the record of those three, the record ``ssl3d predict`` writes (``predict`` with the
+  same model and settings into the same folder keeps the case);
+- ``<case>_<target>_p05.nii.gz`` (one per ``--percentiles``), ``<case>_<target>_std.nii.gz`` and
+  ``<case>_<target>_uncertainty.png``: of p(target);
+- ``<case>_<target>.provenance.json``: their record (the shared part plus the target, and for the figure the
+  percentiles and what it outlines), so maps of several targets live side by side, each vouched for by its own record;
+- ``uncertainty_args.json`` (``uncertainty_args.shard-I-of-N.json`` with ``--shard``): this run, as ``predict_args.json``.
+
+A case is kept when both its records equal this run's and every file asked for exists; otherwise it is computed again
+(all of its files, in one MC pass) and the reason logged.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,82 +30,257 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from ssl3d_cli import __version__
 from ssl3d_cli.config import MCConfig, RuntimeConfig
 from ssl3d_cli.data.datasets import CaseSpec
-from ssl3d_cli.data.nifti import GEOMETRY_ATOL_MM, write_like
-from ssl3d_cli.data.preprocessing import restore_scores
+from ssl3d_cli.data.nifti import GEOMETRY_ATOL_MM, Scan, write_like
+from ssl3d_cli.data.preprocessing import CaseGeometry, restore_scores
 from ssl3d_cli.data.shards import take_shard
 from ssl3d_cli.errors import ConfigError, InputDataError
 from ssl3d_cli.files import check_writable
 from ssl3d_cli.inference.figures import uncertainty_figure
-from ssl3d_cli.inference.pipeline import Segmenter, accumulate, labels_on_scan, open_segmenter, prepare_case, sampling_rates
-from ssl3d_cli.inference.uncertainty import TargetStore, entropy, percentile_name
-from ssl3d_cli.stages.predict import inputs_dataset, resolve_cases, run_cases
+from ssl3d_cli.inference.pipeline import (
+    ScanVotes,
+    Segmenter,
+    accumulate,
+    open_segmenter,
+    prepare_scan,
+    read_case_scan,
+    sampling_rates,
+    segmentation,
+    validate_vote_options,
+)
+from ssl3d_cli.inference.uncertainty import TargetStore, entropy, percentile_name, target_file_name
+from ssl3d_cli.provenance import RunProvenance, input_stats, provenance_path, read_provenance, remove_provenance, stale_reasons, write_provenance
+from ssl3d_cli.stages.predict import NEW_CASE, args_path, inputs_dataset, output_names, resolve_cases, run_provenance, run_recorded
 
 log = logging.getLogger("ssl3d")
 
+#: The default target's name: every foreground class, their probabilities summed (= 1 - p(background)).
+FOREGROUND = "foreground"
 
-def resolve_target(seg: Segmenter, classes: list[str]) -> tuple[list[int], str]:
-    """Class indices whose probabilities are summed, and the target's display name.
 
-    ``classes`` holds class names/values, or one region name (WT/TC/ET for BraTS-like models).
-    Default: every foreground class.
+@dataclass(frozen=True)
+class Target:
+    """What the percentile maps and std are of: p summed over ``indices``.
+
+    Attributes:
+        indices: class indices, ascending.
+        name: as the user knows it: class names joined by ``+`` in class order, a region (``WT``), or ``foreground``.
+        file_name: ``name`` made safe for file names (:func:`target_file_name`).
+    """
+
+    indices: tuple[int, ...]
+    name: str
+
+    @property
+    def file_name(self) -> str:
+        return target_file_name(self.name)
+
+    def to_dict(self, class_names: list[str]) -> dict[str, Any]:
+        return {"name": self.name, "file_name": self.file_name, "classes": [class_names[i] for i in self.indices],
+                "class_indices": list(self.indices)}
+
+
+def resolve_target(seg: Segmenter, classes: list[str]) -> Target:
+    """The target whose probabilities are summed.
+
+    ``classes`` holds class names/values, or one region name (WT/TC/ET for BraTS-like models); classes are named
+    canonically (by name, in class order), so ``--class 1`` and ``--class organ`` write the same files.
+    Default: every foreground class (``foreground``).
     """
     data = seg.dataset
     if not classes:
-        return list(range(1, data.num_classes)), "foreground"
+        return Target(tuple(range(1, data.num_classes)), FOREGROUND)
     if len(classes) == 1 and classes[0].upper() in data.regions:
         values = data.regions[classes[0].upper()]
-        return [data.label_values.index(v) for v in values], classes[0].upper()
-    return [data.class_index(c) for c in classes], "+".join(classes)
+        return Target(tuple(sorted(data.label_values.index(v) for v in values)), classes[0].upper())
+    indices = tuple(sorted({data.class_index(c) for c in classes}))
+    return Target(indices, "+".join(data.class_names[i] for i in indices))
 
 
-def check_label_grid(label: Path, ref: Path) -> nib.Nifti1Image:
-    """The ``--label`` image, refused unless it lies on the grid of the scan ``ref``.
+def read_case(seg: Segmenter, case: CaseSpec) -> tuple[Scan, torch.Tensor, CaseGeometry]:
+    """:func:`ssl3d_cli.inference.pipeline.prepare_case`, also returning the scan as read, so the figure can show it
+    without reading the scan a second time.
+
+    Returns:
+        the scan (C, X, Y, Z) on its own grid, the image (1, C, D, H, W) on the device, the geometry that maps results back.
+    """
+    scan = read_case_scan(seg, case)
+    image, geometry = prepare_scan(seg, scan)
+    return scan, image, geometry
+
+
+def display_channel(seg: Segmenter, scan: Scan) -> tuple[np.ndarray, str]:
+    """The channel drawn under the maps (FLAIR when there is one, as in the paper's Figure 7, else the first) and its name."""
+    names = [n.upper() for n in seg.dataset.channel_names]
+    index = names.index("FLAIR") if "FLAIR" in names else 0
+    return scan.data[index].copy(), seg.dataset.channel_names[index]  # a copy: the other channels need not stay in memory
+
+
+def read_truth(label: Path, scan: Scan) -> np.ndarray:
+    """The ``--label`` map of a case, refused unless it lies on the grid of its scan.
 
     Raises:
-        InputDataError: another shape or affine.
+        InputDataError: an unreadable file, another shape or affine.
     """
     try:
         limg = nib.load(str(label))
     except Exception as exc:  # nibabel raises several types for bad files
         raise InputDataError(f"{label}: --label cannot be read as NIfTI ({exc.__class__.__name__}); give the case's label file") from None
-    rimg = nib.load(str(ref))  # already read once by prepare_case
-    if limg.shape[:3] != rimg.shape[:3] or not np.allclose(limg.affine, rimg.affine, atol=GEOMETRY_ATOL_MM):
-        raise InputDataError(f"{label}: --label does not lie on the grid of {ref}")
-    return limg
+    if limg.shape[:3] != scan.spatial_shape or not np.allclose(limg.affine, scan.affine, atol=GEOMETRY_ATOL_MM):
+        raise InputDataError(f"{label}: --label does not lie on the grid of {scan.paths[0]}")
+    return np.rint(np.asarray(limg.dataobj)).astype(np.int64).reshape(limg.shape[:3])
 
 
-def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, percentiles: list[float], target: list[int],
-                    target_name: str, label: Path | None, figure: bool) -> dict[str, Any]:
-    """Sample one case and write its maps (and figure); the scan and ``--label`` are checked before any file is written."""
-    image, geometry = prepare_case(seg, case)
-    limg = check_label_grid(label, case.image_paths[0]) if figure and label is not None else None
-    store = TargetStore(target, mc.mc_samples)
-    acc = accumulate(seg, image, mc, track_entropy=True, extra=store)
-    mean = acc.mean_prob()
-    h = entropy(mean)
-    maps = torch.cat([store.percentiles(percentiles), h[None], (h - acc.entropy_sum / acc.n)[None].clamp_min(0), store.std()[None]])
-    names = [percentile_name(q) for q in percentiles] + ["entropy", "mutual_information", "std"]
-    restored = restore_scores(maps.cpu(), geometry, background=0.0)
-    ref = case.image_paths[0]
-    written = {}
-    for name, volume in zip(names, restored):
-        written[name] = str(write_like(volume.astype(np.float32), ref, out_dir / f"{case.case_id}_{name}.nii.gz"))
-    record: dict[str, Any] = {"case": case.case_id, "target": target_name, "files": written}
+def match_labels(label: Path | str | None, cases: list[CaseSpec]) -> dict[str, Path]:
+    """Case -> its ``--label`` file.
+
+    ``label`` is one label file (one input case), or a folder matched by case name as ``ssl3d evaluate`` matches
+    predictions: a dataset folder, a folder of label files, or a cache. Cases without a label are named in a
+    warning (their figures outline the prediction).
+
+    Raises:
+        InputDataError: ``label`` missing, or a folder in which no input case has a label.
+        ConfigError: one label file for several cases.
+    """
+    if label is None:
+        return {}
+    from ssl3d_cli.stages.evaluate import label_sources
+
+    label = Path(label).expanduser()
+    if not label.exists():
+        raise InputDataError(f"{label}: --label not found")
+    if not label.is_dir():
+        if len(cases) != 1:
+            raise ConfigError(f"--label {label} is one label file but {len(cases)} cases are given; give a folder of labels "
+                              "(or the dataset folder), matched to the cases by name")
+        return {cases[0].case_id: label}
+    files = label_sources(label)[0]
+    found = {c.case_id: Path(files[c.case_id]) for c in cases if c.case_id in files}
+    if not found:
+        raise InputDataError(f"{label}: no label matches an input case by name (e.g. {cases[0].case_id}.nii.gz)" if cases
+                             else f"{label}: no input case to match")
+    missing = [c.case_id for c in cases if c.case_id not in found]
+    if missing:
+        log.warning("%d case(s) have no label in %s (%s%s): their figures outline the prediction", len(missing), label,
+                    ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "")
+    return found
+
+
+def case_outputs(case_id: str) -> dict[str, str]:
+    """The target-free files of a case (kind -> file name): the segmentation, entropy and mutual information."""
+    return {**output_names(case_id, False), "entropy": f"{case_id}_entropy.nii.gz",
+            "mutual_information": f"{case_id}_mutual_information.nii.gz"}
+
+
+def target_outputs(case_id: str, target: Target, percentiles: list[float], figure: bool) -> dict[str, str]:
+    """The files of p(target) of a case (kind -> file name): one per percentile, std, and the figure."""
+    stem = f"{case_id}_{target.file_name}"
+    names = {percentile_name(q): f"{stem}_{percentile_name(q)}.nii.gz" for q in percentiles}
+    names["std"] = f"{stem}_std.nii.gz"
     if figure:
-        if limg is not None:
-            values = [seg.dataset.label_values[i] for i in target]
-            outline = np.isin(np.asarray(limg.dataobj).astype(np.int64), values)
-            outline_label = f"true {target_name}"
+        names["figure"] = f"{stem}_uncertainty.png"
+    return names
+
+
+def target_record_path(out_dir: Path, case_id: str, target: Target) -> Path:
+    """``<out_dir>/<case>_<target>.provenance.json``."""
+    return provenance_path(out_dir, f"{case_id}_{target.file_name}")
+
+
+def target_identity(target: Target, percentiles: list[float], figure: bool, label: Path | None) -> dict[str, Any]:
+    """The compared part of a target record beyond the shared provenance (with the figure: its panels and outline)."""
+    ident: dict[str, Any] = {"name": target.name, "class_indices": list(target.indices)}
+    if figure:
+        ident["figure"] = {"percentiles": [float(q) for q in percentiles], "outline": input_stats([label])[0] if label else "prediction"}
+    return ident
+
+
+def target_stale(record: dict[str, Any] | None, ident: dict[str, Any]) -> list[str]:
+    """Why a target record differs from ``ident`` (only the keys ``ident`` holds are compared)."""
+    old = (record or {}).get("target") or {}
+    return [f"{key} changed" for key in ident if old.get(key) != ident[key]]
+
+
+def plan_cases(cases: list[CaseSpec], out_dir: Path, provenance: RunProvenance, *, target: Target, percentiles: list[float],
+               figure: bool, labels: dict[str, Path], overwrite: bool) -> tuple[list[tuple[CaseSpec, str]], list[CaseSpec]]:
+    """Split the cases into those to compute (each with why) and those kept: both records equal this run's, all files there."""
+    todo: list[tuple[CaseSpec, str]] = []
+    kept: list[CaseSpec] = []
+    for case in cases:
+        shared, own = case_outputs(case.case_id), target_outputs(case.case_id, target, percentiles, figure)
+        record_path, target_path = provenance_path(out_dir, case.case_id), target_record_path(out_dir, case.case_id, target)
+        if not any(p.exists() for p in (record_path, target_path, out_dir / shared["segmentation"], out_dir / own["std"])):
+            todo.append((case, NEW_CASE))
+            continue
+        if overwrite:
+            todo.append((case, "--overwrite"))
+            continue
+        identity = provenance.identity(case.image_paths)
+        reasons = stale_reasons(read_provenance(record_path), identity, out_dir, shared)
+        if not reasons:
+            record = read_provenance(target_path)
+            reasons = [f"{target.name} maps: {r}" for r in stale_reasons(record, identity, out_dir, own)]
+            if record is not None and not reasons:
+                ident = target_identity(target, percentiles, figure, labels.get(case.case_id))
+                reasons = [f"{target.name} maps: {r}" for r in target_stale(record, ident)]
+        if reasons:
+            todo.append((case, "; ".join(reasons)))
         else:
-            labels = labels_on_scan(acc, geometry, rule=mc.vote, union_classes=[])
-            outline = np.isin(labels, target)
-            outline_label = f"predicted {target_name}"
+            kept.append(case)
+    return todo, kept
+
+
+def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, union_classes: list[int], percentiles: list[float],
+                    target: Target, label: Path | None, figure: bool, provenance: RunProvenance) -> dict[str, Any]:
+    """Sample one case once and write its segmentation, maps, figure and records.
+
+    The scan and its label are read and checked, and the case sampled, before any file is touched: a bad scan leaves
+    the case's earlier files as they were. Both records are removed before files are replaced and written last.
+    """
+    t0 = time.perf_counter()
+    scan, image, geometry = read_case(seg, case)
+    truth = read_truth(label, scan) if figure and label is not None else None
+    underlay, underlay_name = display_channel(seg, scan) if figure else (None, "")
+    del scan
+    store = TargetStore(list(target.indices), mc.mc_samples)
+    acc = accumulate(seg, image, mc, track_entropy=True, extra=store)
+    h = entropy(acc.mean_prob())
+    maps = torch.cat([store.percentiles(percentiles), store.std()[None], h[None], (h - acc.entropy_sum / acc.n)[None].clamp_min(0)])
+    restored = restore_scores(maps.cpu(), geometry, background=0.0)
+    labels = segmentation(seg, ScanVotes(acc, geometry), mc.vote, union_classes)
+
+    shared, own = case_outputs(case.case_id), target_outputs(case.case_id, target, percentiles, figure)
+    record_path, target_path = provenance_path(out_dir, case.case_id), target_record_path(out_dir, case.case_id, target)
+    remove_provenance(record_path)
+    remove_provenance(target_path)
+    ref = case.image_paths[0]
+    files = {"segmentation": str(write_like(labels, ref, out_dir / shared["segmentation"]))}
+    probabilities = out_dir / output_names(case.case_id, True)["probabilities"]
+    if probabilities.exists():  # from ssl3d predict --save-probabilities: it would not match the new segmentation
+        probabilities.unlink()
+        log.info("case %s: removed %s of an earlier run (it would not match the new segmentation)", case.case_id, probabilities.name)
+    kinds = [percentile_name(q) for q in percentiles] + ["std", "entropy", "mutual_information"]
+    for kind, volume in zip(kinds, restored):
+        files[kind] = str(write_like(volume.astype(np.float32), ref, out_dir / (own.get(kind) or shared[kind])))
+    record: dict[str, Any] = {"case": case.case_id, "target": target.name, "label": str(label) if label else None, "files": files}
+    if figure:
+        values = [seg.dataset.label_values[i] for i in target.indices]
+        outline = np.isin(truth if truth is not None else labels, values)
+        record["outline"] = "label" if truth is not None else "prediction"
         pmaps = {f"{q:g}th percentile": restored[i] for i, q in enumerate(percentiles)}
-        png = uncertainty_figure(pmaps, outline, case_id=case.case_id, target=target_name, outline_label=outline_label,
-                                 out_path=out_dir / f"{case.case_id}_uncertainty.png")
+        png = uncertainty_figure(pmaps, outline, case_id=case.case_id, target=target.name,
+                                 outline_label=f"{'true' if truth is not None else 'predicted'} {target.name}", out_path=out_dir / own["figure"],
+                                 scan=underlay, scan_label=underlay_name, samples=mc.mc_samples)
         record["figure"] = str(png)
+    seconds = time.perf_counter() - t0
+    write_provenance(record_path, provenance.case_record(case.case_id, case.image_paths, shared, seconds))
+    target_record = provenance.case_record(case.case_id, case.image_paths, own, seconds)
+    target_record["target"] = {**target_identity(target, percentiles, figure, label), "file_name": target.file_name,
+                               "classes": [seg.dataset.class_names[i] for i in target.indices]}
+    write_provenance(target_path, target_record)
+    record.update(seconds=round(seconds, 3), provenance=str(record_path), target_provenance=str(target_path))
     return record
 
 
@@ -98,23 +293,35 @@ def uncertainty(
     runtime: RuntimeConfig | None = None,
     classes: list[str] | None = None,
     percentiles: list[float] | None = None,
-    label: Path | None = None,
+    label: Path | str | None = None,
     figure: bool = True,
+    overwrite: bool = False,
     shard: str | None = None,
     split: str | None = None,
     skip_bad: bool = False,
 ) -> dict[str, Any]:
-    """Write per-voxel uncertainty maps (and a PNG) for each input case in the scan's geometry.
+    """Write per-voxel uncertainty maps (and a PNG) for each input case in the scan's geometry, and from the same MC
+    samples its segmentation, with per-case provenance records and ``uncertainty_args.json`` (see the module doc).
 
     Args:
         model: ``model.pt`` or its run folder; default: the newest run fine-tuned on the inputs' dataset (for loose
             scans: the only fine-tuned run), named in a WARNING line.
+        mc: MC settings; at least 2 samples (default 100); ``vote`` (default majority), ``vote_weights`` and
+            ``union_classes`` decide the segmentation as in ``ssl3d predict``.
+        classes: the target (class names or values, summed; or one region such as ``WT``); default every foreground
+            class summed (``foreground``).
+        label: the truth outlined in the figure: one label file (one case), or a folder matched by case name
+            (a dataset folder, a folder of label files, or a cache).
+        overwrite: compute every case, even those whose records match this run.
         skip_bad: continue past cases that fail (listed in ``failed``); the CLI then exits 4.
+
+    Returns:
+        ``cases`` (records of the cases computed), ``written`` (with why), ``kept``, ``failed``, the target, ``args``.
     """
     mc = (mc or MCConfig(mc_samples=100)).validate()
     if mc.mc_samples < 2:
         raise ConfigError(f"--mc-samples {mc.mc_samples}: uncertainty needs at least 2 MC samples (the paper uses 100)")
-    percentiles = list(percentiles or [5.0, 50.0, 95.0])
+    percentiles = [float(q) for q in (percentiles or [5.0, 50.0, 95.0])]
     bad = [q for q in percentiles if not 0 <= q <= 100]
     if bad:
         raise ConfigError(f"--percentiles {bad}: percentiles must lie in 0..100")
@@ -122,22 +329,44 @@ def uncertainty(
     paths = [Path(p) for p in inputs]
     seg = open_segmenter(model, runtime, dataset_name=inputs_dataset(paths, model_given=model is not None))
     mc = sampling_rates(seg, mc)
-    target, target_name = resolve_target(seg, list(classes or []))
+    union_classes = validate_vote_options(seg, mc)
+    target = resolve_target(seg, list(classes or []))
     cases = take_shard(resolve_cases(paths, split=split, model_path=seg.path), shard)
-    if label is not None:
-        if len(cases) != 1:
-            raise ConfigError("--label goes with a single input scan")
-        if not Path(label).exists():
-            raise InputDataError(f"{label}: --label file not found")
+    labels = match_labels(label, cases)
+    if label is not None and not figure:
+        log.warning("--label only outlines the truth in the figure; with --no-figure it is not used")
     out_dir = Path(output).expanduser()
     check_writable(out_dir)
-    log.info("Uncertainty of p(%s) from %d MC samples (dropout encoder %g, decoder %g) for %d case(s)", target_name, mc.mc_samples,
-             mc.dropout_encoder, mc.dropout_decoder, len(cases))
+    provenance = run_provenance(seg, mc, union_classes)
+    todo, kept = plan_cases(cases, out_dir, provenance, target=target, percentiles=percentiles, figure=figure, labels=labels,
+                            overwrite=overwrite)
+    why = {case.case_id: reason for case, reason in todo}
+    log.info("Uncertainty of p(%s) and %s-vote labels from %d MC samples (dropout encoder %g, decoder %g): %d case(s) to compute, "
+             "%d kept (same model, settings and inputs)", target.name, mc.vote, mc.mc_samples, mc.dropout_encoder, mc.dropout_decoder,
+             len(todo), len(kept))
+    record_file = args_path(out_dir, shard, stem="uncertainty_args")
+    description = {
+        "tool_version": __version__, "model": {"path": provenance.model_path, "sha256": provenance.model_sha256,
+                                               "dataset": seg.dataset.name, "chosen_by": seg.chosen_by or "--model"},
+        "mc": mc.to_dict(), "runtime": runtime.to_dict(), "inputs": [str(p) for p in inputs], "split": split, "shard": shard,
+        "overwrite": overwrite, "skip_bad": skip_bad, "class_names": list(seg.dataset.class_names),
+        "label_values": list(seg.dataset.label_values), "target": target.to_dict(list(seg.dataset.class_names)),
+        "percentiles": percentiles, "figure": figure, "label": str(label) if label is not None else None,
+        "outputs": {**case_outputs("<case>"), **target_outputs("<case>", target, percentiles, figure)},
+    }
+    kept_records = [{"case": c.case_id, "provenance": provenance_path(out_dir, c.case_id).name,
+                     "target_provenance": target_record_path(out_dir, c.case_id, target).name} for c in kept]
 
     def work(case: CaseSpec) -> dict[str, Any]:
-        return uncertainty_one(seg, case, out_dir, mc=mc, percentiles=percentiles, target=target, target_name=target_name,
-                               label=Path(label) if label else None, figure=figure)
+        record = uncertainty_one(seg, case, out_dir, mc=mc, union_classes=union_classes, percentiles=percentiles, target=target,
+                                 label=labels.get(case.case_id), figure=figure, provenance=provenance)
+        if why[case.case_id] != NEW_CASE:
+            log.info("case %s: recomputed (%s)", case.case_id, why[case.case_id])
+        return record
 
-    batch = run_cases(cases, work, description="Uncertainty", skip_bad=skip_bad)
-    return {"output": str(out_dir), "model": str(seg.path), "model_chosen_by": seg.chosen_by, "target": target_name,
-            "mc_samples": mc.mc_samples, "cases": batch.done, "failed": batch.failed}
+    batch = run_recorded(todo, work, record_file=record_file, description=description, kept=kept_records, progress_label="Uncertainty",
+                         skip_bad=skip_bad, provenance_keys=("provenance", "target_provenance"))
+    return {"output": str(out_dir), "model": str(seg.path), "model_chosen_by": seg.chosen_by, "target": target.name,
+            "target_file": target.file_name, "mc_samples": mc.mc_samples, "vote": mc.vote, "percentiles": percentiles,
+            "cases": batch.done, "written": [{"case": r["case"], "why": why[r["case"]]} for r in batch.done],
+            "kept": [c.case_id for c in kept], "failed": batch.failed, "args": str(record_file)}

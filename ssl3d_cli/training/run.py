@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssl3d_cli import checkpoints
+from ssl3d_cli.data.cache import content_differences
 from ssl3d_cli.errors import CheckpointError, ConfigError, DeviceError, StopRequested
 from ssl3d_cli.files import atomic_write_bytes, atomic_write_json
 from ssl3d_cli.runs import default_runs_root, latest_run
@@ -59,6 +60,12 @@ log = logging.getLogger("ssl3d")
 
 #: Settings that may change between a run and its ``--resume`` (anywhere in the nested config).
 RESUME_MUTABLE = ("epochs", "checkpoint_every", "workers", "device", "threads")
+#: Top-level config key of the training cache's content fingerprint (``Cache.content_fingerprint()``): compared by
+#: content on ``--resume``, with :func:`ssl3d_cli.data.cache.content_differences`.
+CACHE_CONTENT = "cache_content"
+#: Top-level config key of the cache folder: kept in config.json for provenance; compared only for a run saved without
+#: a content fingerprint (before it existed), since a cache may move (node-local scratch) or be re-made between jobs.
+CACHE_PATH = "cache"
 
 
 class SignalGuard:
@@ -82,6 +89,16 @@ class SignalGuard:
     def __exit__(self, *exc: Any) -> None:
         for s, old in self._old.items():
             signal.signal(s, old)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker start-up: leave SIGTERM/SIGUSR1 to the main process.
+
+    SLURM signals every process of a job step, DataLoader workers included; a worker killed by it would crash its rank
+    in the middle of a step instead of letting the rank save its state. The workers end with the loader as usual.
+    """
+    for s in SignalGuard.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -222,6 +239,22 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], *, ignore
     return out
 
 
+def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(settings that differ, cache content that differs) between a saved run config and the current one.
+
+    The cache is compared by its content fingerprint (``CACHE_CONTENT``), not by its folder (``CACHE_PATH``), when both
+    configs have one; a config saved without it falls back to the folder.
+    """
+    saved, current = dict(saved), dict(current)
+    saved_content, current_content = saved.pop(CACHE_CONTENT, None), current.pop(CACHE_CONTENT, None)
+    cache_diffs: list[str] = []
+    if saved_content is not None and current_content is not None:
+        cache_diffs = content_differences(saved_content, current_content)
+        saved.pop(CACHE_PATH, None)
+        current.pop(CACHE_PATH, None)
+    return config_differences(saved, current, ignore=RESUME_MUTABLE), cache_diffs
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare network inside a DDP wrapper (or the network itself)."""
     return model.module if hasattr(model, "module") else model
@@ -332,9 +365,13 @@ class TrainingRun:
         state = checkpoints.load_checkpoint(self.last_path, fmt=checkpoints.TRAIN_STATE)
         if state.get("stage") != self.stage:
             raise ConfigError(f"{self.last_path}: holds a {state.get('stage')} run, not {self.stage}")
-        diffs = config_differences(state["config"], self.config, ignore=RESUME_MUTABLE)
+        diffs, cache_diffs = resume_differences(state["config"], self.config)
         if diffs:
             raise ConfigError(f"{self.last_path}: --resume with different settings ({'; '.join(diffs)}); use the original settings or a new -o")
+        if cache_diffs:
+            raise ConfigError(f"{self.last_path}: --resume with a cache whose content differs from the run's ({'; '.join(cache_diffs)}; "
+                              f"the run was trained from {state['config'].get(CACHE_PATH)}, now {self.config.get(CACHE_PATH)}); resume from "
+                              "that cache or one re-made from the same scans and settings, or start a new -o")
         optimizer, scheduler, scaler = opt
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -380,7 +417,7 @@ class TrainingRun:
         # the loader draws its workers' base seed from its own generator, not the global RNG: a draw from the global
         # state at each epoch's iterator would shift every later dropout mask after a mid-epoch resume
         loader = DataLoader(recipe.dataset, batch_sampler=batches, num_workers=schedule.workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(self.seed))
+                            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_stop_signals)
         metrics: dict[str, Any] = {}
         wrapped.train()
         with SignalGuard() as guard, progress.task(recipe.description, total=schedule.epochs) as bar:
@@ -400,6 +437,7 @@ class TrainingRun:
                     steps += 1
                     if any_rank(guard.requested is not None, device):
                         self._save_state(wrapped, opt, epoch=epoch, step=step + 1, extra={"accum": accum, **recipe.state})
+                        barrier()  # no rank exits 75 before rank 0 has written last.pt: exit 75 always means "state saved"
                         raise StopRequested(f"signal {guard.requested or 'on another rank'}: state saved in {self.last_path}; "
                                             "rerun with --resume to continue")
                 start_step = 0
