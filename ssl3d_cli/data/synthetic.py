@@ -1,8 +1,10 @@
 """Synthetic datasets that look and behave like the paper's two tasks (for tests, the demo, trying the tool).
 
 CT-like (pancreas-like): HU intensities (air, fat, soft tissue), an irregular contrast-enhanced organ
-with a small hypodense lesion inside, noise, varying field of view, anisotropic spacing and several
-orientations. Labels 0 background / 1 organ / 2 lesion.
+with a hypodense, fluid-like (cystic) lesion inside it, noise, varying field of view, anisotropic spacing
+and several orientations. Labels 0 background / 1 organ / 2 lesion. The lesion is about half the organ's radius
+(some 10-25% of its volume) and at least ``LESION_MIN_RADIUS_VOXELS`` scan voxels in radius along every
+axis, always wrapped in organ tissue, so that it stays learnable after a small cache grid (the demo's 32^3).
 
 MR-like (BraTS-like): four channels (FLAIR, T1, T1ce, T2) of a brain-like ellipsoid on a zero
 background, with nested regions whole tumour (edema, 2) > core (necrosis, 1) > enhancing rim (4).
@@ -22,6 +24,10 @@ ORIENTATIONS = {
 CT_CLASSES = {0: "background", 1: "organ", 2: "lesion"}
 MR_CHANNELS = ["FLAIR", "T1w", "t1gd", "T2w"]
 MR_CLASSES = {0: "background", 1: "necrotic/non-enhancing core", 2: "edema", 4: "enhancing tumour"}
+#: Smallest lesion radius along each axis, in scan voxels: keeps it a few voxels across after the crop and resize.
+LESION_MIN_RADIUS_VOXELS = 3.0
+#: Organ tissue kept around the lesion, in scan voxels: the lesion sits in the gland and never borders soft tissue or fat.
+LESION_RIM_VOXELS = 1.5
 
 
 @dataclass
@@ -48,15 +54,31 @@ def _grid(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return np.meshgrid(*axes, indexing="ij")
 
 
-def _blob(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: np.ndarray,
-          radii: np.ndarray, lobes: int = 4) -> np.ndarray:
-    """Irregular solid: union of a few jittered ellipsoids around a centre (bool mask)."""
-    mask = np.zeros(x.shape, dtype=bool)
+def _ellipsoid(x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    return ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2 <= 1
+
+
+def _lobes(rng: np.random.Generator, centre: np.ndarray, radii: np.ndarray, lobes: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(centre, radii) of a few jittered ellipsoids around a centre."""
+    out = []
     for _ in range(lobes):
         c = centre + rng.uniform(-0.6, 0.6, 3) * radii
         r = radii * rng.uniform(0.5, 0.9, 3)
-        mask |= ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 <= 1
+        out.append((c, r))
+    return out
+
+
+def _union(x: np.ndarray, y: np.ndarray, z: np.ndarray, lobes: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    mask = np.zeros(x.shape, dtype=bool)
+    for c, r in lobes:
+        mask |= _ellipsoid(x, y, z, c, r)
     return mask
+
+
+def _blob(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: np.ndarray,
+          radii: np.ndarray, lobes: int = 4) -> np.ndarray:
+    """Irregular solid: union of a few jittered ellipsoids around a centre (bool mask)."""
+    return _union(x, y, z, _lobes(rng, centre, radii, lobes))
 
 
 def _jitter_shape(rng: np.random.Generator, shape: tuple[int, int, int], amount: float = 0.15) -> tuple[int, int, int]:
@@ -73,13 +95,22 @@ def make_ct_case(rng: np.random.Generator, shape: tuple[int, int, int] = (64, 64
     body_r = ((x - bc[0]) / ra) ** 2 + ((y - bc[1]) / rb) ** 2
     image = np.full(shape, -1000.0, dtype=np.float32)
     image[body_r <= 1] = -100.0  # subcutaneous fat
-    image[body_r <= 0.8] = 40.0  # soft tissue
+    image[body_r <= 0.8] = 50.0  # soft tissue (muscle, bowel)
     organ_c = np.array([bc[0] + rng.uniform(-0.25, 0.25), bc[1] + rng.uniform(-0.2, 0.2), rng.uniform(-0.3, 0.3)])
-    organ = _blob(rng, x, y, z, organ_c, np.array([0.28, 0.18, 0.45])) & (body_r <= 0.75)
-    lesion_c = organ_c + rng.uniform(-0.05, 0.05, 3)
-    lesion = (((x - lesion_c[0]) / 0.09) ** 2 + ((y - lesion_c[1]) / 0.09) ** 2 + ((z - lesion_c[2]) / 0.2) ** 2 <= 1) & organ
+    organ_r = np.array([0.3, 0.2, 0.45])
+    lobes = _lobes(rng, organ_c, organ_r)
+    inside = body_r <= 0.75
+    # The lesion: a hypodense (cystic) lesion near the centre of the organ's largest lobe, about half the organ's radius but at least
+    # LESION_MIN_RADIUS_VOXELS voxels (one grid step is 2 / (n - 1)), wrapped in a rim of organ tissue (the gland around it).
+    step = 2.0 / (np.asarray(shape, dtype=np.float64) - 1)
+    host_c, host_r = max(lobes, key=lambda lobe: float(np.prod(lobe[1])))
+    lesion_c = host_c + rng.uniform(-0.2, 0.2, 3) * host_r
+    lesion_r = organ_r * rng.uniform(0.45, 0.6) * rng.uniform(0.9, 1.1, 3)
+    lesion_r = np.minimum(np.maximum(lesion_r, LESION_MIN_RADIUS_VOXELS * step), 0.8 * organ_r)
+    organ = (_union(x, y, z, lobes) | _ellipsoid(x, y, z, lesion_c, lesion_r + LESION_RIM_VOXELS * step)) & inside
+    lesion = _ellipsoid(x, y, z, lesion_c, lesion_r) & (body_r <= 0.6)
     image[organ] = 110.0
-    image[lesion] = 15.0
+    image[lesion] = rng.uniform(-5.0, 10.0)  # fluid-like: darker than the soft tissue too, not only than the organ
     image += rng.normal(0, 18, shape).astype(np.float32)
     label = np.zeros(shape, dtype=np.uint8)
     label[organ] = 1
