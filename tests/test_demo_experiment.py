@@ -2,6 +2,7 @@
 
 import csv
 import json
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -46,6 +47,13 @@ def test_experiment_label_fractions_resume_shards_collect(ct_dataset, tmp_path):
     stamp = (tmp_path / "exp" / "label-fractions" / "rows" / "simclr-f0.5-s0.json").stat().st_mtime_ns
     experiment("label-fractions", ct_dataset, **kw)
     assert (tmp_path / "exp" / "label-fractions" / "rows" / "simclr-f0.5-s0.json").stat().st_mtime_ns == stamp
+    record = json.loads((tmp_path / "exp" / "experiment.json").read_text())
+    assert record["settings"]["finetune_epochs"] == TINY.finetune_epochs and record["fractions"] == [0.5, 1.0]
+    # the runs and the encoder are shared by both experiments: other sizes into the same folder are refused before any training
+    with pytest.raises(ConfigError, match="finetune_epochs"):
+        experiment("mc-dropout", ct_dataset, **{**kw, "settings": replace(TINY, finetune_epochs=3)})
+    with pytest.raises(ConfigError, match="--size 20"):
+        Settings.make(True, size=20)
 
 
 def test_experiment_mc_dropout_reuses_models_and_covers_every_vote_rule(ct_dataset, tmp_path):

@@ -25,7 +25,9 @@ NAME = "experiment"
 HELP = ("Reproduce the paper's figures: label-fractions (SimCLR vs from scratch over 5-100 % labels) or mc-dropout "
         "(deterministic vs MC, dropout site, rate, vote rules). Resumable; --shard I/N for array jobs, --collect to merge.")
 EPILOG = ("Examples: ssl3d experiment label-fractions ./Task07_Pancreas --repetitions 3  |  "
-          "ssl3d experiment label-fractions ./Task99_Synth --quick  |  ssl3d experiment mc-dropout ./Task07_Pancreas --encoder runs/.../encoder.pt")
+          "ssl3d experiment label-fractions ./Task99_Synth --quick  |  "
+          "ssl3d experiment label-fractions ./Task04_Hippocampus --quick --finetune-epochs 100 --repetitions 3  |  "
+          "ssl3d experiment mc-dropout ./Task07_Pancreas --encoder runs/.../encoder.pt")
 
 
 def command(
@@ -36,6 +38,11 @@ def command(
     quick: Annotated[bool, typer.Option("--quick/--no-quick", help="CPU-sized settings (32^3, short training); the default is the paper's.")] = False,
     fractions: Annotated[str, typer.Option(help="Label fractions.")] = "0.05,0.1,0.25,0.5,1.0",
     repetitions: Annotated[int, typer.Option(help="Seeds per setting (mean and spread in the plots).")] = 1,
+    size: Annotated[int | None, typer.Option(help="Cache grid edge in voxels (default: 32 with --quick, else 128).")] = None,
+    pretrain_epochs: Annotated[int | None, typer.Option(help="SimCLR epochs (default: 20 with --quick, else 1000).")] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default: 30 with --quick, else 400).")] = None,
+    freeze_epochs: Annotated[int | None, typer.Option(help="Epochs with the encoder frozen (default: 5 with --quick, else 25).")] = None,
+    mc_samples: Annotated[int | None, typer.Option(help="MC samples per case in mc-dropout (default: 10 with --quick, else 100).")] = None,
     shard: Annotated[str | None, typer.Option("--shard", help="I/N: every N-th run from I (array jobs).")] = None,
     collect: Annotated[bool, typer.Option("--collect/--no-collect", help="Only merge finished runs into results.csv, summary.json and plots.")] = False,
     device: DeviceOpt = "auto",
@@ -50,9 +57,11 @@ def command(
 ) -> None:
     def body() -> dict:
         from ssl3d_cli.config import RuntimeConfig, parse_float_list
-        from ssl3d_cli.stages.experiment import experiment
+        from ssl3d_cli.stages.experiment import Settings, experiment
 
-        return experiment(name, dataset, output=output, encoder=encoder, quick=quick,
+        settings = Settings.make(quick, size=size, pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
+                                 freeze_epochs=freeze_epochs, mc_samples=mc_samples)
+        return experiment(name, dataset, output=output, encoder=encoder, quick=quick, settings=settings,
                           fractions=parse_float_list(fractions, option="--fractions"), repetitions=repetitions, seed=seed,
                           runtime=RuntimeConfig(device=device, threads=threads, seed=seed), shard=shard, collect_only=collect,
                           cache_root=cache_dir)

@@ -20,7 +20,8 @@ vote rule, since all rules come from the same running sums.
 
 Each run writes ``row(s).json`` in its own folder; finished runs are skipped, ``--shard I/N`` takes
 every N-th run, and ``--collect`` (or any unsharded call) merges ``results.csv``, ``summary.json``
-and the plots.
+and the plots. ``OUTPUT/experiment.json`` records the sizes (:class:`Settings`), seeds and fractions the
+runs were made with; a rerun into the same folder with other sizes is refused, so one folder never mixes them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import csv
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +63,28 @@ class Settings:
     batch_size: int
 
     @classmethod
-    def make(cls, quick: bool) -> Settings:
-        if quick:
-            return cls(32, (8, 16, 32), 2, 20, 30, 5, 10, 2)
-        return cls(128, (16, 32, 64, 128, 256), 4, 1000, 400, 25, 100, 2)
+    def make(cls, quick: bool, **overrides: Any) -> Settings:
+        """The quick (CPU) or paper sizes, with any field given in ``overrides`` (``None`` values ignored) replaced."""
+        base = cls(32, (8, 16, 32), 2, 20, 30, 5, 10, 2) if quick else cls(128, (16, 32, 64, 128, 256), 4, 1000, 400, 25, 100, 2)
+        chosen = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(chosen) - set(asdict(base)))
+        if unknown:
+            raise ConfigError(f"experiment settings {', '.join(unknown)}: unknown; choose from {', '.join(asdict(base))}")
+        return replace(base, **chosen).validate()
+
+    def validate(self) -> Settings:
+        counts = {"--size": self.size, "--pretrain-epochs": self.pretrain_epochs, "--finetune-epochs": self.finetune_epochs,
+                  "--mc-samples": self.mc_samples, "batch size": self.batch_size, "patches per side": self.patches_per_side}
+        for flag, value in counts.items():
+            if value < 1:
+                raise ConfigError(f"{flag} {value}: must be at least 1")
+        if not 0 <= self.freeze_epochs <= self.finetune_epochs:
+            raise ConfigError(f"--freeze-epochs {self.freeze_epochs}: must be in [0, fine-tuning epochs {self.finetune_epochs}]")
+        if self.size % self.patches_per_side or (self.size // self.patches_per_side) % 2 ** (len(self.widths) - 1):
+            raise ConfigError(f"--size {self.size}: each of the {self.patches_per_side}^3 SimCLR patches must be divisible by "
+                              f"{2 ** (len(self.widths) - 1)} (the U-Net's down-sampling); choose a multiple of "
+                              f"{self.patches_per_side * 2 ** (len(self.widths) - 1)}")
+        return self
 
 
 #: Dropout rates (encoder, decoder) every fine-tuned model of the experiments is trained with: the paper's best.
@@ -80,6 +99,26 @@ RATES = (0.1, 0.2, 0.3, 0.4, 0.5)
 def _run_id(method: str, fraction: float, seed: int, dropout: tuple[float, float] = BASE_DROPOUT) -> str:
     base = f"{method}-f{fraction:g}-s{seed}"
     return base if dropout == BASE_DROPOUT else f"{base}-enc{dropout[0]:g}-dec{dropout[1]:g}"
+
+
+def _check_record(root: Path, record: dict[str, Any]) -> None:
+    """Write ``ROOT/experiment.json`` on the first run; refuse a rerun whose sizes differ from it.
+
+    Both experiments share ``ROOT/pretrain`` and ``ROOT/runs``, so the record is per output folder, not per experiment.
+    """
+    record = json.loads(json.dumps(record))  # tuples as JSON lists, so that a reread record compares equal
+    path = root / "experiment.json"
+    if not path.exists():
+        atomic_write_json(path, record)
+        return
+    old = json.loads(path.read_text())
+    if old.get("settings") != record["settings"]:
+        changed = sorted(k for k in record["settings"] if (old.get("settings") or {}).get(k) != record["settings"][k])
+        raise ConfigError(f"{root}: its runs were made with other settings ({', '.join(changed)}; see {path}); "
+                          "use a new -o for these settings, or rerun with the recorded ones")
+    merged = {**old, **{k: sorted(set(old.get(k) or []) | set(record[k])) for k in ("experiments", "fractions", "seeds")}}
+    if merged != old:
+        atomic_write_json(path, merged)
 
 
 def _ensure_encoder(dataset: Path, out: Path, s: Settings, runtime: RuntimeConfig, encoder: Path | None, sharded: bool,
@@ -240,12 +279,17 @@ def experiment(
     if repetitions < 1 or not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ConfigError("--repetitions must be >= 1 and --fractions in (0, 1]")
     runtime = (runtime or RuntimeConfig()).validate()
-    s = settings or Settings.make(quick)
+    s = (settings or Settings.make(quick)).validate()
     out = Path(output).expanduser() / name
     dataset = Path(dataset).expanduser()
     runs = [(m, f, seed + r) for r in range(repetitions) for f in fractions for m in ("simclr", "scratch")]
     index, count = parse_shard(shard)
     if not collect_only:
+        from ssl3d_cli import __version__
+
+        _check_record(out.parent, {"version": __version__, "dataset": str(dataset), "settings": asdict(s), "experiments": [name],
+                                   "fractions": sorted(fractions), "seeds": [seed + r for r in range(repetitions)],
+                                   "encoder": str(encoder) if encoder else None})
         cache = ensure_cache(dataset, config=PreprocessConfig(size=(s.size,) * 3), cache_root=cache_root)
         enc = _ensure_encoder(dataset, out.parent, s, runtime, encoder, count > 1, cache_root)
         mine = runs[index::count]
