@@ -163,3 +163,19 @@ def check_writable(folder: Path) -> None:
         os.unlink(tmp)
     except OSError as exc:
         raise InputDataError(f"{folder}: output folder is not writable ({exc.strerror}); choose another with -o/--cache-dir") from None
+
+
+def source_stat(path: Path, *, series_uid: str | None = None) -> dict[str, Any]:
+    """Size and mtime of an input, the things that make its cached case or prediction stale when they change.
+
+    A file: ``{"size", "mtime_ns"}``. A folder (a DICOM series): the total size and newest mtime of the regular
+    files directly inside it (hidden ones aside; any of them may belong to the series), their count as ``files``, and
+    ``series_uid`` (the series read from it), so a changed, added or removed slice, or another series, counts.
+    The caller adds ``path``.
+    """
+    if not path.is_dir():
+        st = path.stat()
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    stats = [p.stat() for p in sorted(path.iterdir()) if not p.name.startswith(".") and p.is_file()]
+    return {"size": sum(s.st_size for s in stats), "mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
+            "files": len(stats), "series_uid": series_uid}

@@ -9,7 +9,8 @@ its MC samples (so ``predict`` with equal settings keeps them), and ``<case>_<ta
 one target: the same fields plus ``target`` (its classes; with the figure, its percentiles and what it outlines).
 
 Compared: the model file (SHA-256, not its path), the resolved MC settings (samples, dropout rates, vote rule, vote
-weights, union classes, seed), the tool version and the input files (resolved path, size, mtime). Recorded but not
+weights, union classes, seed), the tool version and the input files (resolved path, size, mtime; for a DICOM series
+folder the total size, newest mtime and count of its files and the series UID, :func:`ssl3d_cli.files.source_stat`). Recorded but not
 compared: ``mc_batch``, device and precision (how a case was computed, not what was asked for).
 
 This module imports neither torch nor numpy.
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl3d_cli import __version__
-from ssl3d_cli.files import atomic_write_json
+from ssl3d_cli.files import atomic_write_json, source_stat
 
 FORMAT = "ssl3d-prediction-provenance"
 SCHEMA_VERSION = 1
@@ -51,20 +52,17 @@ def file_sha256(path: Path | str, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def input_stats(paths: list[Path]) -> list[dict[str, Any]]:
+def input_stats(paths: list[Path], *, series_uid: str | None = None) -> list[dict[str, Any]]:
     """Resolved path, size and mtime of each input file: a changed or moved scan makes its prediction stale.
 
     Args:
-        paths: the case's image files in channel order.
+        paths: the case's image files in channel order, or its DICOM folder.
+        series_uid: the DICOM series read from the folder (recorded with it).
 
     Returns:
-        One ``{"path", "size", "mtime_ns"}`` per file.
+        One ``{"path", "size", "mtime_ns"}`` per file (a folder adds ``files`` and ``series_uid``).
     """
-    out = []
-    for p in paths:
-        st = Path(p).stat()
-        out.append({"path": str(Path(p).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return out
+    return [{"path": str(Path(p).resolve()), **source_stat(Path(p), series_uid=series_uid)} for p in paths]
 
 
 def provenance_path(out_dir: Path, case_id: str) -> Path:
@@ -94,8 +92,12 @@ class RunProvenance:
     device: str
     precision: str
 
-    def identity(self, image_paths: list[Path]) -> dict[str, Any]:
-        """The compared part of a case's record: equal identities mean the same outputs would be computed."""
+    def identity(self, image_paths: list[Path], *, series_uid: str | None = None) -> dict[str, Any]:
+        """The compared part of a case's record: equal identities mean the same outputs would be computed.
+
+        Args:
+            image_paths: the case's input files (or DICOM folder); ``series_uid``: its DICOM series.
+        """
         mc = {k: v for k, v in self.mc.items() if k not in EXECUTION_ONLY}
         return {
             "format": FORMAT,
@@ -105,10 +107,11 @@ class RunProvenance:
             "mc": mc,
             "vote": {"rule": mc.get("vote"), "weights": list(mc.get("vote_weights") or []), "union_classes": list(self.union_class_indices)},
             "seed": mc.get("seed"),
-            "inputs": input_stats(image_paths),
+            "inputs": input_stats(image_paths, series_uid=series_uid),
         }
 
-    def case_record(self, case_id: str, image_paths: list[Path], outputs: dict[str, str], seconds: float) -> dict[str, Any]:
+    def case_record(self, case_id: str, image_paths: list[Path], outputs: dict[str, str], seconds: float, *,
+                    series_uid: str | None = None) -> dict[str, Any]:
         """The full record of one computed case.
 
         Args:
@@ -116,8 +119,9 @@ class RunProvenance:
             image_paths: its input files (statted now, after the outputs were written).
             outputs: output kind -> file name inside the output folder (``segmentation``, ``probabilities``).
             seconds: time the case took.
+            series_uid: the DICOM series read from the case's folder.
         """
-        record = self.identity(image_paths)
+        record = self.identity(image_paths, series_uid=series_uid)
         record["case"] = case_id
         record["model"] = {"sha256": self.model_sha256, "path": self.model_path, "dataset": self.model_dataset}
         record["mc"] = dict(self.mc)

@@ -150,7 +150,7 @@ def test_uncertainty_outputs_and_figure(ct_dataset, model_path, tmp_path):
     names = sorted(p.name for p in (tmp_path / "u").iterdir())
     expected = ([f"synthct_000_{n}.nii.gz" for n in ("entropy", "mutual_information", "organ_p05", "organ_p50", "organ_p95", "organ_std")]
                 + ["synthct_000.nii.gz", "synthct_000_organ_uncertainty.png", "synthct_000.provenance.json", "synthct_000_organ.provenance.json",
-                   "uncertainty_args.json"])
+                   "uncertainty_args.json", "labels.ctbl", "labels_itksnap.txt"])
     assert names == sorted(expected)
     src = nib.load(str(scan))
     p05, p95 = (np.asarray(nib.load(str(tmp_path / "u" / f"synthct_000_organ_{n}.nii.gz")).dataobj) for n in ("p05", "p95"))

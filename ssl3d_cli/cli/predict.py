@@ -47,10 +47,14 @@ DropDecOpt = Annotated[float | None, typer.Option("--dropout-decoder", help="Dec
 McBatchOpt = Annotated[int, typer.Option("--mc-batch", help="Samples per forward batch (0: chosen from free memory).")]
 ShardOpt = Annotated[str | None, typer.Option("--shard", help="I/N: every N-th input from I (array jobs).")]
 SplitOpt = Annotated[str | None, typer.Option("--split", help="'test': the held-out test cases of the model's fine-tuning run.")]
+SeriesOpt = Annotated[str | None, typer.Option("--series", help="SeriesInstanceUID: read only this series of a DICOM folder (default: "
+                                              "each series of a folder is its own case, named <folder>_<number>_<description>).")]
 
 
 def command(
-    inputs: Annotated[list[Path], typer.Argument(help="NIfTI file(s), a folder, a BraTS case folder, an nnU-Net _0000 folder or a dataset.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Scan file(s) (NIfTI .nii/.nii.gz, NRRD .nrrd/.nhdr, "
+                                                                 "MetaImage .mha/.mhd), a DICOM series folder, a folder of scans, a "
+                                                                 "BraTS case folder, an nnU-Net _0000 folder or a dataset.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder for <case>.nii.gz.")] = Path("predictions"),
     model: ModelOpt = None,
     mc_samples: McSamplesOpt = 0,
@@ -61,11 +65,13 @@ def command(
     dropout_decoder: DropDecOpt = None,
     mc_batch: McBatchOpt = 0,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities/--no-save-probabilities",
-                                                    help="Also write mean class probabilities (4D NIfTI).")] = False,
+                                                    help="Also write mean class probabilities (4D NIfTI, classes on the "
+                                                         "4th axis, their order in <case>.provenance.json).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Recompute every case, even those whose provenance matches this run.")] = False,
     skip_bad: SkipBadOpt = False,
     shard: ShardOpt = None,
     split: SplitOpt = None,
+    series: SeriesOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = 0,
@@ -85,7 +91,7 @@ def command(
                       union_classes=tuple(union_class or ()), mc_batch=mc_batch, seed=seed)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed)
         return predict(inputs, output=output, model=model, mc=mc, runtime=runtime, overwrite=overwrite, shard=shard, split=split,
-                       save_probabilities=save_probabilities, skip_bad=skip_bad)
+                       save_probabilities=save_probabilities, skip_bad=skip_bad, series=series)
 
     def human(r: dict) -> None:
         for c in r["cases"]:

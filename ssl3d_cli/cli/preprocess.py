@@ -19,7 +19,8 @@ from ssl3d_cli.cli.common import (
 
 NAME = "preprocess"
 HELP = ("Crop each scan to its foreground (from the image alone), resize to 128^3, normalise and cache it; "
-        "exactly invertible to the scan's geometry. Reads MSD, nnU-Net v2, BraTS and plain NIfTI folders.")
+        "exactly invertible to the scan's geometry. Reads MSD, nnU-Net v2, BraTS and plain folders (or images/ + labels/) "
+        "of NIfTI, NRRD, MetaImage files and DICOM series folders.")
 EPILOG = ("Examples: ssl3d preprocess ./Task07_Pancreas --workers 8  |  "
           "ssl3d preprocess ./BraTS2018 --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
 
@@ -27,7 +28,8 @@ SizeOpt = Annotated[str, typer.Option("--size", help="Cache grid: one number or 
 
 
 def command(
-    dataset: Annotated[Path, typer.Argument(help="MSD / nnU-Net / BraTS / plain NIfTI folder.")],
+    dataset: Annotated[Path, typer.Argument(help="MSD / nnU-Net / BraTS folder, or a plain folder of scans (NIfTI, NRRD, MetaImage, "
+                                            "DICOM series folders).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Exact cache folder (default: keyed by dataset path and settings).")] = None,
     size: SizeOpt = "128",
     modality: Annotated[str, typer.Option(help="auto | ct | mr (how the foreground and intensities are found).")] = "auto",

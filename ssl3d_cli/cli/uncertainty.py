@@ -22,7 +22,7 @@ from ssl3d_cli.cli.common import (
     raise_if_cases_failed,
     run_stage,
 )
-from ssl3d_cli.cli.predict import DropDecOpt, DropEncOpt, McBatchOpt, ModelOpt, ShardOpt, SplitOpt
+from ssl3d_cli.cli.predict import DropDecOpt, DropEncOpt, McBatchOpt, ModelOpt, SeriesOpt, ShardOpt, SplitOpt
 
 NAME = "uncertainty"
 HELP = ("Per-voxel percentile heat maps (5th/50th/95th) over MC-dropout samples of the probability of a class (or classes, "
@@ -38,7 +38,9 @@ EPILOG = ("Example: ssl3d uncertainty scan.nii.gz --mc-samples 100 --class tumou
 
 
 def command(
-    inputs: Annotated[list[Path], typer.Argument(help="NIfTI file(s), a folder, a BraTS case folder or a dataset.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Scan file(s) (NIfTI .nii/.nii.gz, NRRD .nrrd/.nhdr, MetaImage "
+                                                                 ".mha/.mhd), a DICOM series folder, a folder of scans, a BraTS case "
+                                                                 "folder or a dataset.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("uncertainty"),
     model: ModelOpt = None,
     mc_samples: Annotated[int, typer.Option("--mc-samples", help="MC-dropout samples N: at least 2, default 100 (the paper's). "
@@ -60,6 +62,7 @@ def command(
     mc_batch: McBatchOpt = 0,
     shard: ShardOpt = None,
     split: SplitOpt = None,
+    series: SeriesOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Recompute every case, even those whose provenance matches this run.")] = False,
     skip_bad: SkipBadOpt = False,
     device: DeviceOpt = "auto",
@@ -82,7 +85,8 @@ def command(
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed)
         return uncertainty(inputs, output=output, model=model, mc=mc, runtime=runtime, classes=list(class_ or []),
                            percentiles=list(parse_float_list(percentiles, option="--percentiles")), label=label, figure=figure,
-                           overwrite=overwrite, shard=shard, split=split, skip_bad=skip_bad)
+                           overwrite=overwrite, shard=shard, split=split, skip_bad=skip_bad,
+                           series=series)
 
     def human(r: dict) -> None:
         for c in r["cases"]:

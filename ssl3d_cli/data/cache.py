@@ -26,6 +26,7 @@ from ssl3d_cli.data.datasets import CaseSpec
 from ssl3d_cli.data.preprocessing import CaseGeometry
 from ssl3d_cli.data.summary import DatasetSummary
 from ssl3d_cli.errors import InputDataError
+from ssl3d_cli.files import source_stat
 
 CACHE_FORMAT = "ssl3d-cache"
 CACHE_SCHEMA_VERSION = 1
@@ -49,13 +50,12 @@ def cache_dir_for(dataset_root: Path, settings_hash: str, cache_root: Path | Non
     return (cache_root or default_cache_root()) / f"{dataset_root.name}-{key}-{settings_hash}"
 
 
-def source_stats(paths: list[Path]) -> list[dict[str, Any]]:
-    """Size and mtime of each source file: a changed file makes its cached case stale."""
-    out = []
-    for p in paths:
-        st = p.stat()
-        out.append({"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return out
+def source_stats(paths: list[Path], *, series_uid: str | None = None) -> list[dict[str, Any]]:
+    """Size and mtime of each source file: a changed file makes its cached case stale.
+
+    A DICOM folder's entry sums its files and adds their count and ``series_uid`` (:func:`ssl3d_cli.files.source_stat`).
+    """
+    return [{"path": str(p), **source_stat(Path(p), series_uid=series_uid if Path(p).is_dir() else None)} for p in paths]
 
 
 class Cache:
@@ -120,7 +120,7 @@ class Cache:
         """The case's source scans as a :class:`CaseSpec` (image files only; the label file, if any, is not included)."""
         record = self.record(case_id)
         sources = [Path(s["path"]) for s in record["sources"]]
-        return CaseSpec(case_id, sources[:-1] if record["labelled"] else sources)
+        return CaseSpec(case_id, sources[:-1] if record["labelled"] else sources, series_uid=record["sources"][0].get("series_uid"))
 
     def label_source(self, case_id: str) -> Path | None:
         """The case's source label file (None for unlabelled cases)."""

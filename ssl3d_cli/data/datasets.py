@@ -1,18 +1,24 @@
-"""Dataset discovery: MSD task folders, nnU-Net v2 raw folders, BraTS downloads, plain NIfTI folders.
+"""Dataset discovery: MSD task folders, nnU-Net v2 raw folders, BraTS downloads, plain folders of scans.
 
 Every layout becomes a :class:`DatasetSpec`: cases (image files per channel, optional label),
 modality, channel names and the label mapping (original values in class-index order).
+
+Plain folders (and ``images/`` + ``labels/``) hold NIfTI, NRRD or MetaImage files (case = file name without its
+suffix) and DICOM series folders (case = the folder's name; a folder with several series gives one case per series,
+``<folder>_<number>_<description>``). A DICOM case's image path is its folder and :attr:`CaseSpec.series_uid` says
+which series; the series' slices are checked when it is read (:mod:`ssl3d_cli.data.imageio`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ssl3d_cli.data.nifti import is_nifti, strip_nifti_suffix
+from ssl3d_cli.data import imageio
+from ssl3d_cli.data.nifti import is_image_file, is_nifti, strip_image_suffix, strip_nifti_suffix, unsupported_file_message
 from ssl3d_cli.errors import InputDataError
 
 BRATS_CLASS_NAMES = ["background", "necrotic/non-enhancing core", "edema", "enhancing tumour"]
@@ -22,15 +28,22 @@ BRATS_NAMINGS = {
     "brats2023": {"sep": "-", "channels": ["t2f", "t1n", "t1c", "t2w"], "seg": "seg", "labels": [0, 1, 2, 3]},
 }
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+#: Label files matched to a case ``<case><suffix>`` in ``labels/`` / ``labelsTr/``, first found wins.
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass
 class CaseSpec:
-    """One case: image file(s) in channel order and an optional label file."""
+    """One case: image file(s) in channel order (or one DICOM folder) and an optional label file.
+
+    Attributes:
+        series_uid: for a DICOM folder, the SeriesInstanceUID of the case's series (None otherwise).
+    """
 
     case_id: str
     image_paths: list[Path]
     label_path: Path | None = None
+    series_uid: str | None = None
 
     @property
     def labelled(self) -> bool:
@@ -161,7 +174,7 @@ def _group_channel_files(files: list[Path], ending: str | None = None) -> dict[s
     """``CASE_0000.nii.gz, CASE_0001.nii.gz`` -> ``{CASE: [..0000, ..0001]}``; refuses gaps."""
     groups: dict[str, dict[int, Path]] = {}
     for f in files:
-        stem = f.name[: -len(ending)] if ending and f.name.endswith(ending) else strip_nifti_suffix(f.name)
+        stem = f.name[: -len(ending)] if ending and f.name.endswith(ending) else strip_image_suffix(f.name)
         m = CHANNEL_SUFFIX.match(stem)
         if not m:
             raise InputDataError(f"{f}: expected nnU-Net channel naming CASE_0000{ending or '.nii.gz'}")
@@ -240,21 +253,58 @@ def _read_brats(root: Path) -> DatasetSpec | None:
                        list(BRATS_CLASS_NAMES), cases)
 
 
-def _cases_from_folders(images: Path, labels: Path | None) -> list[CaseSpec]:
-    files = _nifti_files(images)
-    if files and all(CHANNEL_SUFFIX.match(strip_nifti_suffix(f.name)) for f in files):
+def _image_files(folder: Path) -> list[Path]:
+    """NIfTI, NRRD and MetaImage files directly in ``folder``."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("._"))
+
+
+def _dicom_cases(folder: Path, series_uid: str | None = None) -> list[CaseSpec]:
+    """One case per DICOM series of ``folder`` (``series_uid``: that series only, named after the folder).
+
+    Raises:
+        InputDataError: no readable series, or no series with ``series_uid``.
+    """
+    if series_uid is not None:
+        return [CaseSpec(folder.name, [folder], series_uid=imageio.select_series(folder, series_uid).uid)]
+    series = imageio.dicom_series(folder)
+    names = imageio.series_case_names(folder, series)
+    return [CaseSpec(name, [folder], series_uid=s.uid) for name, s in zip(names, series)]
+
+
+def _find_label(labels: Path | None, case_id: str) -> Path | None:
+    if labels is None or not labels.is_dir():
+        return None
+    for suffix in LABEL_SUFFIXES:
+        cand = labels / f"{case_id}{suffix}"
+        if cand.exists():
+            return cand
+    return None
+
+
+def _cases_from_folders(images: Path, labels: Path | None, *, series_uid: str | None = None) -> list[CaseSpec]:
+    """Cases of a plain folder: its image files (nnU-Net ``_0000`` channel files grouped), its own DICOM series when it
+    holds DICOM files, and the DICOM series of its subfolders; each with its label from ``labels`` when there.
+
+    Raises:
+        InputDataError: two files naming the same case, an unreadable DICOM folder.
+    """
+    files = _image_files(images)
+    if files and all(CHANNEL_SUFFIX.match(strip_image_suffix(f.name)) for f in files):
         grouped = _group_channel_files(files)
     else:
-        grouped = {strip_nifti_suffix(f.name): [f] for f in files}
-    cases = []
-    for case_id, paths in sorted(grouped.items()):
-        label = None
-        if labels is not None and labels.is_dir():
-            for suffix in (".nii.gz", ".nii"):
-                cand = labels / f"{case_id}{suffix}"
-                if cand.exists():
-                    label = cand
-        cases.append(CaseSpec(case_id, paths, label))
+        grouped = {}
+        for f in files:
+            case_id = strip_image_suffix(f.name)
+            if case_id in grouped:
+                raise InputDataError(f"{images}: {grouped[case_id][0].name} and {f.name} both give case {case_id}; keep one of them")
+            grouped[case_id] = [f]
+    cases = [CaseSpec(case_id, paths, _find_label(labels, case_id)) for case_id, paths in sorted(grouped.items())]
+    folders = ([images] if imageio.has_dicom_files(images) else []) + [
+        d for d in sorted(images.iterdir()) if d.is_dir() and not d.name.startswith(".") and imageio.has_dicom_files(d)]
+    for folder in folders:
+        for case in _dicom_cases(folder, series_uid):
+            case.label_path = _find_label(labels, case.case_id)
+            cases.append(case)
     return cases
 
 
@@ -268,7 +318,7 @@ def discover_dataset(path: Path | str) -> DatasetSpec:
     if not root.exists():
         raise InputDataError(f"{root}: dataset folder not found; check the path")
     if not root.is_dir():
-        raise InputDataError(f"{root}: expected a dataset folder (MSD, nnU-Net, BraTS or a folder of NIfTI files)")
+        raise InputDataError(f"{root}: expected a dataset folder (MSD, nnU-Net, BraTS, or a folder of scans: {imageio.SUPPORTED_INPUTS})")
     root = root.resolve()
     json_path = root / "dataset.json"
     spec: DatasetSpec | None = None
@@ -283,7 +333,8 @@ def discover_dataset(path: Path | str) -> DatasetSpec:
     if spec is None:
         spec = DatasetSpec(root, "plain", root.name, None, ["image"], None, [], _cases_from_folders(root, None))
     if not spec.cases:
-        raise InputDataError(f"{root}: no NIfTI scans found (looked for an MSD/nnU-Net dataset.json, BraTS case folders, images/ and labels/, or .nii.gz files)")
+        raise InputDataError(f"{root}: no NIfTI scans or other images found (looked for an MSD/nnU-Net dataset.json, BraTS case folders, "
+                             f"images/ and labels/, NIfTI/NRRD/MetaImage files and DICOM series folders)")
     if spec.layout in ("plain", "images-labels"):
         nch = {len(c.image_paths) for c in spec.cases}
         if len(nch) > 1:
@@ -292,10 +343,15 @@ def discover_dataset(path: Path | str) -> DatasetSpec:
     return spec
 
 
-def discover_inputs(inputs: list[Path]) -> tuple[list[CaseSpec], DatasetSpec | None]:
-    """Cases to predict from files, folders, a BraTS case folder, an nnU-Net ``_0000`` folder or a dataset.
+def discover_inputs(inputs: list[Path], *, series_uid: str | None = None) -> tuple[list[CaseSpec], DatasetSpec | None]:
+    """Cases to predict from files, folders, DICOM series folders, a BraTS case folder, an nnU-Net ``_0000`` folder or a
+    dataset.
 
     A dataset contributes its unlabelled (``imagesTs``) cases; returns the dataset too when one was given.
+
+    Args:
+        inputs: scan files (NIfTI, NRRD, MetaImage) and folders.
+        series_uid: in every DICOM folder, read only the series with this SeriesInstanceUID (``--series``).
     """
     cases: list[CaseSpec] = []
     dataset: DatasetSpec | None = None
@@ -303,10 +359,10 @@ def discover_inputs(inputs: list[Path]) -> tuple[list[CaseSpec], DatasetSpec | N
     for raw in inputs:
         path = Path(raw).expanduser()
         if not path.exists():
-            raise InputDataError(f"{path}: input not found; give a NIfTI file, a folder of scans or a dataset")
+            raise InputDataError(f"{path}: input not found; give {imageio.SUPPORTED_INPUTS}, a folder of scans or a dataset")
         if path.is_file():
-            if not is_nifti(path):
-                raise InputDataError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+            if not is_image_file(path):
+                raise InputDataError(unsupported_file_message(path))
             loose.append(path)
             continue
         brats = _brats_case(path)
@@ -318,13 +374,15 @@ def discover_inputs(inputs: list[Path]) -> tuple[list[CaseSpec], DatasetSpec | N
             cases.extend(c for c in dataset.cases if not c.labelled)
             continue
         if (path / "images").is_dir():
-            cases.extend(CaseSpec(c.case_id, c.image_paths) for c in _cases_from_folders(path / "images", None))
+            cases.extend(replace(c, label_path=None) for c in _cases_from_folders(path / "images", None, series_uid=series_uid))
             continue
-        found = _cases_from_folders(path, None)
+        found = _cases_from_folders(path, None, series_uid=series_uid)
+        if not found and any(p.is_file() and not p.name.startswith(".") for p in path.iterdir()):
+            found = _dicom_cases(path, series_uid)  # DICOM without the DICM mark, or a clear "no readable DICOM series"
         if not found:
-            raise InputDataError(f"{path}: no NIfTI scans in this folder")
+            raise InputDataError(f"{path}: no scans in this folder; give {imageio.SUPPORTED_INPUTS}")
         cases.extend(found)
-    cases.extend(CaseSpec(strip_nifti_suffix(p.name), [p]) for p in loose)
+    cases.extend(CaseSpec(strip_image_suffix(p.name), [p]) for p in loose)
     ids = [c.case_id for c in cases]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

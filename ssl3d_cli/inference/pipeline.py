@@ -97,7 +97,7 @@ def read_case_scan(seg: Segmenter, case: CaseSpec) -> Scan:
     if len(case.image_paths) > 1 and len(case.image_paths) != len(channels):
         raise InputDataError(f"case {case.case_id}: {len(case.image_paths)} channel files; the model expects {len(channels)} "
                              f"({', '.join(channels)})")
-    scan = load_scan(case.image_paths)
+    scan = load_scan(case.image_paths, series_uid=case.series_uid)
     if scan.data.shape[0] != len(channels):
         raise InputDataError(f"{case.image_paths[0]}: has {scan.data.shape[0]} channel(s); the model expects {len(channels)} "
                              f"({', '.join(channels)})")

@@ -28,7 +28,8 @@ from ssl3d_cli.files import atomic_write_json, check_writable
 from ssl3d_cli.inference.pipeline import (
     Segmenter,
     open_segmenter,
-    prepare_case,
+    prepare_scan,
+    read_case_scan,
     sampling_rates,
     segmentation,
     validate_vote_options,
@@ -126,10 +127,13 @@ def inputs_dataset(inputs: list[Path], *, model_given: bool) -> str | None:
     return names[0] if names else None
 
 
-def resolve_cases(inputs: list[Path], *, split: str | None, model_path: Path) -> list[CaseSpec]:
-    """Cases from the inputs; ``split='test'`` takes the held-out test cases of the model's fine-tuning run."""
+def resolve_cases(inputs: list[Path], *, split: str | None, model_path: Path, series_uid: str | None = None) -> list[CaseSpec]:
+    """Cases from the inputs; ``split='test'`` takes the held-out test cases of the model's fine-tuning run.
+
+    ``series_uid`` (``--series``): in DICOM folders, only that series.
+    """
     if split is None:
-        cases, _ = discover_inputs(inputs)
+        cases, _ = discover_inputs(inputs, series_uid=series_uid)
         return cases
     if split != "test":
         raise ConfigError(f"--split {split!r}: only 'test' is supported (the held-out cases of the fine-tuning run)")
@@ -140,7 +144,7 @@ def resolve_cases(inputs: list[Path], *, split: str | None, model_path: Path) ->
     if len(inputs) != 1:
         raise ConfigError("--split test takes exactly one dataset folder")
     spec = discover_dataset(inputs[0])
-    cases = [CaseSpec(c.case_id, c.image_paths) for c in spec.cases if c.case_id in test_ids]
+    cases = [CaseSpec(c.case_id, c.image_paths, series_uid=c.series_uid) for c in spec.cases if c.case_id in test_ids]
     if not cases:
         raise InputDataError(f"{inputs[0]}: none of the test cases of {split_path} are in this dataset")
     return cases
@@ -206,12 +210,30 @@ def run_cases(cases: list[CaseSpec], work: Callable[[CaseSpec], dict[str, Any]],
     return result
 
 
+def probability_axis(seg: Segmenter) -> dict[str, Any]:
+    """What the 4th axis of ``<case>_probabilities.nii.gz`` holds (recorded in the case's provenance record)."""
+    return {"axis": 3, "holds": "classes", "class_names": list(seg.dataset.class_names),
+            "label_values": list(seg.dataset.label_values)}
+
+
 def output_names(case_id: str, save_probabilities: bool) -> dict[str, str]:
     """The files a case gets inside the output folder, by kind."""
     names = {"segmentation": f"{case_id}.nii.gz"}
     if save_probabilities:
         names["probabilities"] = f"{case_id}_probabilities.nii.gz"
     return names
+
+
+def write_viewer_tables(seg: Segmenter, out_dir: Path) -> dict[str, str]:
+    """The model's class names and label values as a 3D Slicer colour table and an ITK-SNAP label file in ``out_dir``.
+
+    One pair per output folder (the same for every case of one model); rewritten by each run, so they name the
+    classes of the model that wrote the folder last.
+    """
+    from ssl3d_cli.data.colour_tables import write_label_tables
+
+    tables = write_label_tables(out_dir, class_names=seg.dataset.class_names, label_values=seg.dataset.label_values)
+    return {viewer: str(path) for viewer, path in tables.items()}
 
 
 def predict_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, union_classes: list[int],
@@ -222,24 +244,32 @@ def predict_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, 
     record) as they were. Once outputs are replaced, the old record is gone until the new one is written last.
     """
     t0 = time.perf_counter()
-    image, geometry = prepare_case(seg, case)
+    scan = read_case_scan(seg, case)
+    grid = scan.grid  # all that writing needs: the scan's voxels are not kept while sampling
+    image, geometry = prepare_scan(seg, scan)
+    del scan
     votes = vote_case(seg, image, geometry, mc)
     labels = segmentation(seg, votes, mc.vote, union_classes)
     names = output_names(case.case_id, save_probabilities)
     record_path = provenance_path(out_dir, case.case_id)
     remove_provenance(record_path)
-    out = write_like(labels, case.image_paths[0], out_dir / names["segmentation"])
+    out = write_like(labels, grid, out_dir / names["segmentation"], kind="label", description="label map")
     record: dict[str, Any] = {"case": case.case_id, "segmentation": str(out)}
     probabilities = out_dir / output_names(case.case_id, True)["probabilities"]
     if save_probabilities:
         probs = votes.mean_prob().numpy()
-        record["probabilities"] = str(write_like(np.moveaxis(probs, 0, -1).astype(np.float32), case.image_paths[0], probabilities))
+        classes = ",".join(seg.dataset.class_names)  # the full order is in the provenance record (probabilities_axis)
+        record["probabilities"] = str(write_like(np.moveaxis(probs, 0, -1).astype(np.float32), grid, probabilities, kind="probability",
+                                                 intent_name="class probs", description=f"class probabilities; axis 4: {classes}"))
     elif probabilities.exists():  # from an earlier computation of this case: it would not match the new labels
         probabilities.unlink()
         log.info("case %s: removed %s of an earlier run (no --save-probabilities now)", case.case_id, probabilities.name)
     record["seconds"] = round(time.perf_counter() - t0, 3)
     if provenance is not None:
-        write_provenance(record_path, provenance.case_record(case.case_id, case.image_paths, names, record["seconds"]))
+        case_record = provenance.case_record(case.case_id, case.image_paths, names, record["seconds"], series_uid=case.series_uid)
+        if save_probabilities:
+            case_record["probabilities_axis"] = probability_axis(seg)
+        write_provenance(record_path, case_record)
         record["provenance"] = str(record_path)
     return record
 
@@ -283,7 +313,8 @@ def plan_cases(cases: list[CaseSpec], out_dir: Path, provenance: RunProvenance, 
         elif overwrite:
             todo.append((case, "--overwrite"))
         else:
-            reasons = stale_reasons(read_provenance(record_path), provenance.identity(case.image_paths), out_dir, names)
+            reasons = stale_reasons(read_provenance(record_path), provenance.identity(case.image_paths, series_uid=case.series_uid), out_dir,
+                                    names)
             if reasons:
                 todo.append((case, "; ".join(reasons)))
             else:
@@ -351,17 +382,20 @@ def predict(
     split: str | None = None,
     save_probabilities: bool = False,
     skip_bad: bool = False,
+    series: str | None = None,
 ) -> dict[str, Any]:
     """Segment every input case; an existing case is kept only when its provenance matches this run.
 
     Args:
-        inputs: NIfTI files, folders, BraTS case folders, nnU-Net ``_0000`` folders or a dataset.
+        inputs: NIfTI / NRRD / MetaImage files, DICOM series folders, folders of scans, BraTS case folders, nnU-Net
+            ``_0000`` folders or a dataset.
         output: folder for ``<case>.nii.gz``, ``<case>.provenance.json`` and ``predict_args.json``.
         model: ``model.pt`` or its run folder; default: the newest run fine-tuned on the inputs' dataset (for loose
             scans: the only fine-tuned run), named in a WARNING line.
         overwrite: recompute every case, even those whose provenance matches.
         split: ``"test"``: the held-out test cases of the model's fine-tuning run (inputs = the dataset).
         skip_bad: continue past cases that fail (listed in ``failed``); the CLI then exits 4.
+        series: a SeriesInstanceUID: read only that series of each DICOM folder (default: every series, one case each).
 
     Returns:
         ``predicted`` / ``written`` (with why), ``skipped_existing`` / ``kept``, ``failed`` (case, error), the records.
@@ -372,7 +406,7 @@ def predict(
     seg = open_segmenter(model, runtime, dataset_name=inputs_dataset(paths, model_given=model is not None))
     mc = sampling_rates(seg, mc)
     union_classes = validate_vote_options(seg, mc)
-    cases = take_shard(resolve_cases(paths, split=split, model_path=seg.path), shard)
+    cases = take_shard(resolve_cases(paths, split=split, model_path=seg.path, series_uid=series), shard)
     out_dir = Path(output).expanduser()
     check_writable(out_dir)
     provenance = run_provenance(seg, mc, union_classes)
@@ -387,10 +421,11 @@ def predict(
         "tool_version": __version__, "model": {"path": provenance.model_path, "sha256": provenance.model_sha256,
                                                "dataset": seg.dataset.name, "chosen_by": seg.chosen_by or "--model"},
         "mc": mc.to_dict(), "runtime": runtime.to_dict(), "inputs": [str(p) for p in inputs], "split": split, "shard": shard,
-        "overwrite": overwrite, "save_probabilities": save_probabilities, "skip_bad": skip_bad,
+        "series": series, "overwrite": overwrite, "save_probabilities": save_probabilities, "skip_bad": skip_bad,
         "class_names": list(seg.dataset.class_names), "label_values": list(seg.dataset.label_values),
     }
     kept_records = [{"case": c.case_id, "provenance": provenance_path(out_dir, c.case_id).name} for c in kept]
+    description["label_tables"] = write_viewer_tables(seg, out_dir)
 
     def work(case: CaseSpec) -> dict[str, Any]:
         record = predict_one(seg, case, out_dir, mc=mc, union_classes=union_classes, save_probabilities=save_probabilities,
@@ -405,4 +440,4 @@ def predict(
             "skipped_existing": len(kept), "kept": [c.case_id for c in kept],
             "written": [{"case": r["case"], "why": why[r["case"]]} for r in batch.done], "failed": batch.failed,
             "vote": mc.vote if mc.stochastic else "deterministic", "mc_samples": mc.mc_samples, "args": str(record_file),
-            "cases": batch.done}
+            "label_tables": description["label_tables"], "cases": batch.done}

@@ -14,7 +14,7 @@ import numpy as np
 from ssl3d_cli.config import PreprocessConfig
 from ssl3d_cli.data.cache import Cache, build_manifest, cache_dir_for, source_stats
 from ssl3d_cli.data.datasets import CaseSpec, DatasetSpec, discover_dataset, evaluation_regions
-from ssl3d_cli.data.nifti import load_label, load_scan
+from ssl3d_cli.data.nifti import load_label, load_scan, read_label_values
 from ssl3d_cli.data.preprocessing import map_labels, preprocess_arrays
 from ssl3d_cli.data.shards import parse_shard
 from ssl3d_cli.errors import InputDataError, Ssl3dError
@@ -48,7 +48,7 @@ def resolve_modality(spec: DatasetSpec, config: PreprocessConfig) -> str:
         return config.modality
     if spec.modality:
         return spec.modality
-    scan = load_scan(spec.cases[0].image_paths)
+    scan = load_scan(spec.cases[0].image_paths, series_uid=spec.cases[0].series_uid)
     return "ct" if float(scan.data.min()) < -200 else "mr"
 
 
@@ -58,10 +58,8 @@ def resolve_label_values(spec: DatasetSpec) -> list[int]:
         return spec.label_values
     values: set[int] = {0}
     for case in spec.labelled_cases:
-        import nibabel as nib
-
-        arr = np.asarray(nib.load(str(case.label_path)).dataobj)
-        values.update(int(v) for v in np.unique(arr))
+        assert case.label_path is not None
+        values.update(int(v) for v in read_label_values(case.label_path))
     return sorted(values)
 
 
@@ -72,7 +70,7 @@ def verify_dataset(spec: DatasetSpec, label_values: list[int] | None = None) -> 
     with progress.task("Verifying", total=len(spec.cases)) as bar:
         for case in spec.cases:
             try:
-                scan = load_scan(case.image_paths, expected_channels=spec.num_channels)
+                scan = load_scan(case.image_paths, expected_channels=spec.num_channels, series_uid=case.series_uid)
                 if case.label_path is not None:
                     label = load_label(case.label_path, shape=scan.spatial_shape, affine=scan.affine, image_path=case.image_paths[0])
                     if values is not None:
@@ -89,6 +87,7 @@ def _case_payload(case: CaseSpec, *, spec: DatasetSpec, modality: str, label_val
         "case_id": case.case_id,
         "image_paths": [str(p) for p in case.image_paths],
         "label_path": str(case.label_path) if case.label_path else None,
+        "series_uid": case.series_uid,
         "num_channels": spec.num_channels,
         "modality": modality,
         "label_values": label_values,
@@ -102,7 +101,7 @@ def preprocess_case(payload: dict[str, Any]) -> str:
     config = PreprocessConfig(**{**payload["config"], "size": tuple(payload["config"]["size"]),
                                  "clip_percentiles": tuple(payload["config"]["clip_percentiles"])})
     image_paths = [Path(p) for p in payload["image_paths"]]
-    scan = load_scan(image_paths, expected_channels=payload["num_channels"])
+    scan = load_scan(image_paths, expected_channels=payload["num_channels"], series_uid=payload["series_uid"])
     label = None
     if payload["label_path"]:
         label_path = Path(payload["label_path"])
@@ -123,7 +122,7 @@ def preprocess_case(payload: dict[str, Any]) -> str:
         "labelled": case.label is not None,
         "settings_hash": config.hash(),
         "modality": payload["modality"],
-        "sources": source_stats(sources),
+        "sources": source_stats(sources, series_uid=payload["series_uid"]),
         "spacing_mm": [float(s) for s in np.sqrt((np.asarray(scan.affine)[:3, :3] ** 2).sum(0))],
         "geometry": case.geometry.to_dict(),
         "intensity": case.intensity,
@@ -140,7 +139,7 @@ def _up_to_date(case: CaseSpec, out_dir: Path, settings_hash: str) -> bool:
     with record_path.open() as fh:
         record = json.load(fh)
     sources = case.image_paths + ([case.label_path] if case.label_path else [])
-    return record.get("settings_hash") == settings_hash and record.get("sources") == source_stats(sources)
+    return record.get("settings_hash") == settings_hash and record.get("sources") == source_stats(sources, series_uid=case.series_uid)
 
 
 def preprocess(
@@ -157,7 +156,8 @@ def preprocess(
     """Preprocess every case of a dataset into its cache; only missing or stale cases are redone.
 
     Args:
-        dataset: an MSD / nnU-Net / BraTS / plain NIfTI folder.
+        dataset: an MSD / nnU-Net / BraTS folder, or a plain folder (or ``images/`` + ``labels/``) of NIfTI, NRRD,
+            MetaImage files and DICOM series folders.
         cache_dir: exact output folder; default: keyed by dataset path and settings under ``cache_root``.
         workers: parallel processes.
         shard: ``"I/N"``: every N-th case starting at I (array jobs).

@@ -32,6 +32,7 @@ import torch
 
 from ssl3d_cli import __version__
 from ssl3d_cli.config import MCConfig, RuntimeConfig
+from ssl3d_cli.data import imageio
 from ssl3d_cli.data.datasets import CaseSpec
 from ssl3d_cli.data.nifti import GEOMETRY_ATOL_MM, Scan, write_like
 from ssl3d_cli.data.preprocessing import CaseGeometry, restore_scores
@@ -52,7 +53,16 @@ from ssl3d_cli.inference.pipeline import (
 )
 from ssl3d_cli.inference.uncertainty import TargetStore, entropy, percentile_name, target_file_name
 from ssl3d_cli.provenance import RunProvenance, input_stats, provenance_path, read_provenance, remove_provenance, stale_reasons, write_provenance
-from ssl3d_cli.stages.predict import NEW_CASE, args_path, inputs_dataset, output_names, resolve_cases, run_provenance, run_recorded
+from ssl3d_cli.stages.predict import (
+    NEW_CASE,
+    args_path,
+    inputs_dataset,
+    output_names,
+    resolve_cases,
+    run_provenance,
+    run_recorded,
+    write_viewer_tables,
+)
 
 log = logging.getLogger("ssl3d")
 
@@ -124,13 +134,17 @@ def read_truth(label: Path, scan: Scan) -> np.ndarray:
     Raises:
         InputDataError: an unreadable file, another shape or affine.
     """
-    try:
-        limg = nib.load(str(label))
-    except Exception as exc:  # nibabel raises several types for bad files
-        raise InputDataError(f"{label}: --label cannot be read as NIfTI ({exc.__class__.__name__}); give the case's label file") from None
-    if limg.shape[:3] != scan.spatial_shape or not np.allclose(limg.affine, scan.affine, atol=GEOMETRY_ATOL_MM):
+    if imageio.is_itk_file(label):  # NRRD / MetaImage
+        array, affine = imageio.read_itk_label(label)
+    else:
+        try:
+            limg = nib.load(str(label))
+        except Exception as exc:  # nibabel raises several types for bad files
+            raise InputDataError(f"{label}: --label cannot be read as NIfTI ({exc.__class__.__name__}); give the case's label file") from None
+        array, affine = np.asarray(limg.dataobj), limg.affine
+    if array.shape[:3] != scan.spatial_shape or not np.allclose(affine, scan.affine, atol=GEOMETRY_ATOL_MM):
         raise InputDataError(f"{label}: --label does not lie on the grid of {scan.paths[0]}")
-    return np.rint(np.asarray(limg.dataobj)).astype(np.int64).reshape(limg.shape[:3])
+    return np.rint(array).astype(np.int64).reshape(array.shape[:3])
 
 
 def match_labels(label: Path | str | None, cases: list[CaseSpec]) -> dict[str, Path]:
@@ -217,7 +231,7 @@ def plan_cases(cases: list[CaseSpec], out_dir: Path, provenance: RunProvenance, 
         if overwrite:
             todo.append((case, "--overwrite"))
             continue
-        identity = provenance.identity(case.image_paths)
+        identity = provenance.identity(case.image_paths, series_uid=case.series_uid)
         reasons = stale_reasons(read_provenance(record_path), identity, out_dir, shared)
         if not reasons:
             record = read_provenance(target_path)
@@ -232,6 +246,21 @@ def plan_cases(cases: list[CaseSpec], out_dir: Path, provenance: RunProvenance, 
     return todo, kept
 
 
+def map_header(kind: str, target: Target, num_classes: int) -> dict[str, Any]:
+    """The header of one uncertainty map (:func:`ssl3d_cli.data.nifti.write_like` options).
+
+    Percentiles of p(target) and their std are probabilities' statistics: NIFTI_INTENT_ESTIMATE, display range 0..1.
+    Entropy and mutual information (nats, over all classes) are estimates shown on 0..ln(C), their largest possible
+    value, so maps of different cases share one scale.
+    """
+    if kind in ("entropy", "mutual_information"):
+        name = "entropy" if kind == "entropy" else "mutual info"
+        return {"kind": "estimate", "intent_name": name, "display_range": (0.0, float(np.log(num_classes))),
+                "description": f"{name.replace('info', 'information')} over {num_classes} classes (nats)"}
+    stat = "std" if kind == "std" else kind
+    return {"kind": "estimate", "intent_name": stat, "display_range": (0.0, 1.0), "description": f"{stat} of p({target.name})"}
+
+
 def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, union_classes: list[int], percentiles: list[float],
                     target: Target, label: Path | None, figure: bool, provenance: RunProvenance) -> dict[str, Any]:
     """Sample one case once and write its segmentation, maps, figure and records.
@@ -243,6 +272,7 @@ def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConf
     scan, image, geometry = read_case(seg, case)
     truth = read_truth(label, scan) if figure and label is not None else None
     underlay, underlay_name = display_channel(seg, scan) if figure else (None, "")
+    grid = scan.grid  # all that writing needs: the scan's voxels are not kept while sampling
     del scan
     store = TargetStore(list(target.indices), mc.mc_samples)
     acc = accumulate(seg, image, mc, track_entropy=True, extra=store)
@@ -255,15 +285,14 @@ def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConf
     record_path, target_path = provenance_path(out_dir, case.case_id), target_record_path(out_dir, case.case_id, target)
     remove_provenance(record_path)
     remove_provenance(target_path)
-    ref = case.image_paths[0]
-    files = {"segmentation": str(write_like(labels, ref, out_dir / shared["segmentation"]))}
+    files = {"segmentation": str(write_like(labels, grid, out_dir / shared["segmentation"], kind="label", description="label map"))}
     probabilities = out_dir / output_names(case.case_id, True)["probabilities"]
     if probabilities.exists():  # from ssl3d predict --save-probabilities: it would not match the new segmentation
         probabilities.unlink()
         log.info("case %s: removed %s of an earlier run (it would not match the new segmentation)", case.case_id, probabilities.name)
-    kinds = [percentile_name(q) for q in percentiles] + ["std", "entropy", "mutual_information"]
-    for kind, volume in zip(kinds, restored):
-        files[kind] = str(write_like(volume.astype(np.float32), ref, out_dir / (own.get(kind) or shared[kind])))
+    for kind, volume in zip([percentile_name(q) for q in percentiles] + ["std", "entropy", "mutual_information"], restored):
+        files[kind] = str(write_like(volume.astype(np.float32), grid, out_dir / (own.get(kind) or shared[kind]),
+                                     **map_header(kind, target, seg.dataset.num_classes)))
     record: dict[str, Any] = {"case": case.case_id, "target": target.name, "label": str(label) if label else None, "files": files}
     if figure:
         values = [seg.dataset.label_values[i] for i in target.indices]
@@ -275,8 +304,8 @@ def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConf
                                  scan=underlay, scan_label=underlay_name, samples=mc.mc_samples)
         record["figure"] = str(png)
     seconds = time.perf_counter() - t0
-    write_provenance(record_path, provenance.case_record(case.case_id, case.image_paths, shared, seconds))
-    target_record = provenance.case_record(case.case_id, case.image_paths, own, seconds)
+    write_provenance(record_path, provenance.case_record(case.case_id, case.image_paths, shared, seconds, series_uid=case.series_uid))
+    target_record = provenance.case_record(case.case_id, case.image_paths, own, seconds, series_uid=case.series_uid)
     target_record["target"] = {**target_identity(target, percentiles, figure, label), "file_name": target.file_name,
                                "classes": [seg.dataset.class_names[i] for i in target.indices]}
     write_provenance(target_path, target_record)
@@ -299,6 +328,7 @@ def uncertainty(
     shard: str | None = None,
     split: str | None = None,
     skip_bad: bool = False,
+    series: str | None = None,
 ) -> dict[str, Any]:
     """Write per-voxel uncertainty maps (and a PNG) for each input case in the scan's geometry, and from the same MC
     samples its segmentation, with per-case provenance records and ``uncertainty_args.json`` (see the module doc).
@@ -314,6 +344,7 @@ def uncertainty(
             (a dataset folder, a folder of label files, or a cache).
         overwrite: compute every case, even those whose records match this run.
         skip_bad: continue past cases that fail (listed in ``failed``); the CLI then exits 4.
+        series: a SeriesInstanceUID: read only that series of each DICOM folder (default: every series, one case each).
 
     Returns:
         ``cases`` (records of the cases computed), ``written`` (with why), ``kept``, ``failed``, the target, ``args``.
@@ -331,7 +362,7 @@ def uncertainty(
     mc = sampling_rates(seg, mc)
     union_classes = validate_vote_options(seg, mc)
     target = resolve_target(seg, list(classes or []))
-    cases = take_shard(resolve_cases(paths, split=split, model_path=seg.path), shard)
+    cases = take_shard(resolve_cases(paths, split=split, model_path=seg.path, series_uid=series), shard)
     labels = match_labels(label, cases)
     if label is not None and not figure:
         log.warning("--label only outlines the truth in the figure; with --no-figure it is not used")
@@ -349,13 +380,14 @@ def uncertainty(
         "tool_version": __version__, "model": {"path": provenance.model_path, "sha256": provenance.model_sha256,
                                                "dataset": seg.dataset.name, "chosen_by": seg.chosen_by or "--model"},
         "mc": mc.to_dict(), "runtime": runtime.to_dict(), "inputs": [str(p) for p in inputs], "split": split, "shard": shard,
-        "overwrite": overwrite, "skip_bad": skip_bad, "class_names": list(seg.dataset.class_names),
+        "series": series, "overwrite": overwrite, "skip_bad": skip_bad, "class_names": list(seg.dataset.class_names),
         "label_values": list(seg.dataset.label_values), "target": target.to_dict(list(seg.dataset.class_names)),
         "percentiles": percentiles, "figure": figure, "label": str(label) if label is not None else None,
         "outputs": {**case_outputs("<case>"), **target_outputs("<case>", target, percentiles, figure)},
     }
     kept_records = [{"case": c.case_id, "provenance": provenance_path(out_dir, c.case_id).name,
                      "target_provenance": target_record_path(out_dir, c.case_id, target).name} for c in kept]
+    description["label_tables"] = write_viewer_tables(seg, out_dir)
 
     def work(case: CaseSpec) -> dict[str, Any]:
         record = uncertainty_one(seg, case, out_dir, mc=mc, union_classes=union_classes, percentiles=percentiles, target=target,
@@ -369,4 +401,4 @@ def uncertainty(
     return {"output": str(out_dir), "model": str(seg.path), "model_chosen_by": seg.chosen_by, "target": target.name,
             "target_file": target.file_name, "mc_samples": mc.mc_samples, "vote": mc.vote, "percentiles": percentiles,
             "cases": batch.done, "written": [{"case": r["case"], "why": why[r["case"]]} for r in batch.done],
-            "kept": [c.case_id for c in kept], "failed": batch.failed, "args": str(record_file)}
+            "kept": [c.case_id for c in kept], "failed": batch.failed, "args": str(record_file), "label_tables": description["label_tables"]}
