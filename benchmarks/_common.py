@@ -25,6 +25,21 @@ def run_child(code: str, *args: str) -> dict[str, Any]:
     return out
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: VmHWM, which (unlike ru_maxrss) does not carry the parent's peak
+    across fork + exec, so a child started by a benchmark that has just written large scans reports its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def sync(device: Any) -> None:
     import torch
 

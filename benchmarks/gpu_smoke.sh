@@ -32,4 +32,5 @@ cp $W/unc/*.png "$OUT/" 2>/dev/null
 t bench_pretrain_b4k2 python3 benchmarks/pretrain.py --device $DEVICE --size $SIZE --widths $WIDTHS --patches-per-side 2 --batch-size 4 --steps 10
 t bench_pretrain_b2k4 python3 benchmarks/pretrain.py --device $DEVICE --size $SIZE --widths $WIDTHS --patches-per-side 4 --batch-size 2 --steps 10
 t bench_mc python3 benchmarks/mc_dropout.py --device $DEVICE --sizes 64,$SIZE --samples 1,10,$MC --widths $WIDTHS
+t bench_predict_e2e python3 benchmarks/predict_e2e.py --device $DEVICE --cases 3 --mc-samples $MC --vote borda --widths $WIDTHS --size $SIZE
 cat $W/runs/pre/metrics.jsonl $W/runs/ft/metrics.jsonl >> "$OUT/results.jsonl" 2>/dev/null

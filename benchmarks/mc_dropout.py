@@ -1,12 +1,16 @@
-"""MC-dropout inference: seconds per scan and peak memory, ssl3d vs a naive loop.
+"""MC-dropout inference: seconds per scan and peak memory, ssl3d vs a hand-written batched loop vs a naive loop.
 
     python benchmarks/mc_dropout.py [--device auto] [--sizes 64,128] [--samples 1,10,100] [--widths 16,32,64,128,256]
+                                    [--vote majority] [--batch 16] [--modes ssl3d,ssl3d-before,batched,naive]
 
 ssl3d: eval mode with only dropout modules sampling, the deterministic prefix computed once,
-samples in batches, running vote sums (memory flat in N).
-naive: what a user writes by hand: ``model.train()`` (all modules), N full forward passes, every
-sample's probabilities kept, then a majority vote.
-Each configuration runs in a fresh process; CPU peak memory is that process's max RSS, GPU peak
+samples in batches, running vote sums of the asked rule only (memory flat in N).
+ssl3d-before: the same sampler with the accumulator as it was before issue 14 (every rule's sums for every sample:
+arg-max counts, weighted arg-max, a double argsort for Borda, sums), from ``benchmarks/_baseline.py``.
+batched: the strongest simple loop a user writes by hand: eval mode, only the dropout modules put in training mode,
+the input repeated into batches of ``--batch``, full forward passes, running vote counts, arg-max at the end.
+naive: ``model.train()`` (all modules), N full forward passes, every sample's probabilities kept, then a majority vote.
+Each configuration runs in a fresh process; CPU peak memory is that process's peak RSS (VmHWM), GPU peak
 is torch.cuda.max_memory_allocated.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,25 +26,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_child  # noqa: E402
 
 CHILD = """
-import json, sys, time, resource
+import json, sys, time
 import torch
+sys.path.insert(0, sys.argv[8])
+import _baseline as before
+from _common import peak_rss_mib
 from ssl3d_cli.config import ModelConfig
-from ssl3d_cli.models.unet import UNet
+from ssl3d_cli.models.unet import LevelDropout, UNet
 from ssl3d_cli.inference.mc import sample_probabilities
 from ssl3d_cli.inference.votes import VoteAccumulator, vote_labels
 from ssl3d_cli.runtime.device import resolve_device, resolve_precision, set_threads
 mode, size, n, device_spec, widths = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], tuple(int(w) for w in sys.argv[5].split(","))
+vote, batch = sys.argv[6], int(sys.argv[7])
 device = resolve_device(device_spec); set_threads(0)
 precision = resolve_precision("auto", device)
 torch.manual_seed(0)
 model = UNet(ModelConfig(widths=widths, dropout_encoder=0.3), 3).to(device)
 x = torch.randn(1, 1, size, size, size, device=device)
+weights = torch.tensor([1.0, 2.0, 2.0])
 def sync():
     if device.type == "cuda": torch.cuda.synchronize()
 def ours(n=n):
-    acc = VoteAccumulator(3)
+    acc = VoteAccumulator(3, weights=weights, rules=(vote,))
     sample_probabilities(model, x, mc_samples=n, autocast=precision.autocast, consume=acc.update, dropout_encoder=0.3)
-    return vote_labels(acc, "majority")
+    return vote_labels(acc, vote, [2])
+def ours_before(n=n):
+    acc = before.VoteAccumulator(3, weights=weights)
+    sample_probabilities(model, x, mc_samples=n, autocast=precision.autocast, consume=acc.update, dropout_encoder=0.3)
+    return before.decide(acc.scores(vote), acc.mean_prob())
+@torch.no_grad()
+def batched(n=n):
+    model.eval()
+    for m in model.modules():  # only dropout samples; normalisation stays in inference mode
+        if isinstance(m, LevelDropout) and m.p > 0:
+            m.train()
+    votes = torch.zeros(3, size, size, size, device=device)
+    done = 0
+    while done < max(n, 1):
+        b = min(batch, max(n, 1) - done)
+        with precision.autocast():
+            logits = model(x.expand(b, -1, -1, -1, -1))
+        votes += torch.nn.functional.one_hot(logits.argmax(1), 3).sum(0).permute(3, 0, 1, 2)
+        done += b
+    return votes.argmax(0)
 @torch.no_grad()
 def naive(n=n):
     model.train()
@@ -50,13 +79,13 @@ def naive(n=n):
     stack = torch.cat(probs)
     votes = torch.nn.functional.one_hot(stack.argmax(1), 3).sum(0)
     return votes.argmax(-1)
-fn = ours if mode == "ssl3d" else naive
+fn = {"ssl3d": ours, "ssl3d-before": ours_before, "batched": batched, "naive": naive}[mode]
 fn(min(n, 2)); sync()  # warm-up (allocator, cudnn autotune) on a small run
 if device.type == "cuda": torch.cuda.reset_peak_memory_stats()
 t0 = time.perf_counter(); fn(); sync(); dt = time.perf_counter() - t0
 gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-print(json.dumps({"mode": mode, "size": size, "samples": n, "seconds": round(dt, 3), "peak_rss_mib": rss,
+rss = peak_rss_mib()
+print(json.dumps({"mode": mode, "vote": vote, "size": size, "samples": n, "seconds": round(dt, 3), "peak_rss_mib": rss,
                   "peak_gpu_mib": None if gpu is None else round(gpu, 1), "device": str(device), "precision": precision.name}))
 """
 
@@ -67,17 +96,21 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,128")
     ap.add_argument("--samples", default="1,10,100")
     ap.add_argument("--widths", default="16,32,64,128,256")
-    ap.add_argument("--modes", default="ssl3d,naive")
+    ap.add_argument("--modes", default="ssl3d,ssl3d-before,batched,naive")
+    ap.add_argument("--vote", default="majority", help="the rule ssl3d / ssl3d-before count (batched and naive: majority)")
+    ap.add_argument("--batch", type=int, default=16, help="samples per forward pass of the batched loop")
     args = ap.parse_args()
+    here = str(Path(__file__).resolve().parent)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     results = []
     for size in [int(s) for s in args.sizes.split(",")]:
         for n in [int(s) for s in args.samples.split(",")]:
             for mode in args.modes.split(","):
-                res = run_child(CHILD, mode, str(size), str(n), args.device, args.widths)
+                res = run_child(CHILD, mode, str(size), str(n), args.device, args.widths, args.vote, str(args.batch), here)
                 res.pop("child_peak_rss_mib_at_least", None)
                 results.append(res)
                 print(json.dumps(res), flush=True)
-    print(json.dumps({"benchmark": "mc_dropout", "widths": args.widths, "results": results}))
+    print(json.dumps({"benchmark": "mc_dropout", "widths": args.widths, "vote": args.vote, "load": load, "results": results}))
 
 
 if __name__ == "__main__":

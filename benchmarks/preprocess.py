@@ -1,17 +1,28 @@
-"""Preprocessing throughput and peak memory on CT-sized scans (512 x 512 x ~100).
+"""Preprocessing throughput and peak memory on CT-sized scans (512 x 512 x ~100), ssl3d vs before vs MONAI.
 
-    python benchmarks/preprocess.py [--cases 6] [--workers 1,2] [--size 128]
+    python benchmarks/preprocess.py [--cases 6] [--workers 1,2] [--size 128] [--modes ssl3d,ssl3d-before,monai,monai-aa]
 
-Writes synthetic CT-like scans of clinical size into a temporary folder, then preprocesses them
-with one worker and with all workers, each in a fresh process (peak RSS of that process and its
-workers is reported as ru_maxrss of the children: the largest single process).
+Writes synthetic CT-like scans of clinical size (images and labels) into a temporary folder, then preprocesses them,
+each mode in a fresh process:
+
+- ssl3d: ``ssl3d preprocess`` (the stage) with each ``--workers`` count; the recipe: reorient to RAS, body mask (HU
+  threshold, largest component, holes filled), crop, clip to the foreground's 0.5/99.5 percentiles, z-score, resize to
+  ``--size`` with anti-aliasing, float16 cache; labels nearest-neighbour.
+- ssl3d-before: the same stage with the preprocessing as it was before issue 14 (``benchmarks/_baseline.py``), one worker.
+- monai / monai-aa: the strongest simple chain a user writes with MONAI (when it is installed; it is not a dependency):
+  LoadImaged, EnsureChannelFirstd, Orientationd(RAS), CropForegroundd(HU > -500), ClipIntensityPercentilesd(0.5, 99.5),
+  NormalizeIntensityd, Resized(trilinear / nearest), float16 .npy; ``monai-aa`` adds Resized's anti-aliasing. It fills
+  no holes and keeps every component, and its statistics are over the whole crop, so it does less than ssl3d.
+Peak memory is the main process's peak RSS (VmHWM; with workers, theirs is not included).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,37 +32,81 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_child  # noqa: E402
 
 CHILD = """
-import json, sys, time
+import importlib, json, sys, time
 from pathlib import Path
+sys.path.insert(0, sys.argv[6])
+from _common import peak_rss_mib
 from ssl3d_cli.config import PreprocessConfig
 from ssl3d_cli.stages.preprocess import preprocess
-data, out, workers, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+mode, data, out, workers, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+if mode == "ssl3d-before":
+    import _baseline as before
+    importlib.import_module("ssl3d_cli.stages.preprocess").preprocess_arrays = before.preprocess_arrays
 t0 = time.perf_counter()
 res = preprocess(data, config=PreprocessConfig(size=(size,) * 3), cache_dir=Path(out), workers=workers)
 dt = time.perf_counter() - t0
-print(json.dumps({"workers": workers, "cases": len(res.processed), "seconds": round(dt, 2), "cases_per_s": round(len(res.processed) / dt, 3)}))
+rss = peak_rss_mib()
+print(json.dumps({"mode": mode, "workers": workers, "cases": len(res.processed), "seconds": round(dt, 2),
+                  "s_per_case": round(dt / len(res.processed), 2), "peak_rss_mib": rss}))
+"""
+
+MONAI_CHILD = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+import monai.transforms as T
+sys.path.insert(0, sys.argv[6])
+from _common import peak_rss_mib
+mode, data, out, workers, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+keys = ["image", "label"]
+chain = T.Compose([
+    T.LoadImaged(keys=keys, image_only=True), T.EnsureChannelFirstd(keys=keys), T.Orientationd(keys=keys, axcodes="RAS"),
+    T.CropForegroundd(keys=keys, source_key="image", select_fn=lambda x: x > -500, allow_smaller=True),
+    T.ClipIntensityPercentilesd(keys="image", lower=0.5, upper=99.5), T.NormalizeIntensityd(keys="image"),
+    T.Resized(keys=keys, spatial_size=(size,) * 3, mode=("trilinear", "nearest"), anti_aliasing=(mode == "monai-aa", False)),
+])
+Path(out).mkdir(parents=True, exist_ok=True)
+images = sorted((Path(data) / "imagesTr").glob("*.nii.gz"))
+t0 = time.perf_counter()
+for image in images:
+    d = chain({"image": str(image), "label": str(Path(data) / "labelsTr" / image.name)})
+    np.save(Path(out) / (image.name.split(".")[0] + ".npy"), np.asarray(d["image"]).astype(np.float16))
+    np.save(Path(out) / (image.name.split(".")[0] + "_label.npy"), np.asarray(d["label"]).astype(np.uint8))
+dt = time.perf_counter() - t0
+print(json.dumps({"mode": mode, "workers": 1, "cases": len(images), "seconds": round(dt, 2), "s_per_case": round(dt / len(images), 2),
+                  "peak_rss_mib": peak_rss_mib()}))
 """
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=6)
-    ap.add_argument("--workers", default=f"1,{os.cpu_count()}")
+    ap.add_argument("--workers", default=f"1,{os.cpu_count()}", help="worker counts for the ssl3d mode (the others run one)")
     ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--modes", default="ssl3d,ssl3d-before,monai,monai-aa")
     args = ap.parse_args()
     from ssl3d_cli.stages.synth import synth
 
+    here = str(Path(__file__).resolve().parent)
+    has_monai = importlib.util.find_spec("monai") is not None
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "ct"
         t0 = time.perf_counter()
         synth(data, kind="ct", cases=args.cases, unlabelled=0, shape=(512, 512, 100), seed=0)
         print(f"# wrote {args.cases} scans of ~512x512x100 in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         results = []
-        for w in [int(x) for x in args.workers.split(",")]:
-            res = run_child(CHILD, str(data), str(Path(tmp) / f"cache{w}"), str(w), str(args.size))
-            results.append(res)
-            print(json.dumps(res))
-    print(json.dumps({"benchmark": "preprocess", "size": args.size, "results": results}))
+        for mode in args.modes.split(","):
+            if mode.startswith("monai") and not has_monai:
+                print(f"# {mode}: MONAI is not installed (pip install monai), skipped", file=sys.stderr)
+                continue
+            for w in [int(x) for x in args.workers.split(",")] if mode == "ssl3d" else [1]:
+                out = str(Path(tmp) / f"cache-{mode}-{w}")
+                res = run_child(MONAI_CHILD if mode.startswith("monai") else CHILD, mode, str(data), out, str(w), str(args.size), here)
+                res.pop("child_peak_rss_mib_at_least", None)
+                results.append(res)
+                print(json.dumps(res), flush=True)
+    print(json.dumps({"benchmark": "preprocess", "size": args.size, "cases": args.cases, "cpus": os.cpu_count(), "load": load, "results": results}))
 
 
 if __name__ == "__main__":

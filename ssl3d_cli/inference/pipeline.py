@@ -11,6 +11,7 @@ nearest voxel, and only C maps are resampled once per scan, not N samples.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,11 @@ from ssl3d_cli import checkpoints
 from ssl3d_cli.config import MCConfig, ModelConfig, RuntimeConfig
 from ssl3d_cli.data.datasets import CaseSpec
 from ssl3d_cli.data.nifti import Scan, load_scan
-from ssl3d_cli.data.preprocessing import CaseGeometry, preprocess_arrays, restore_scores, unmap_labels
+from ssl3d_cli.data.preprocessing import CaseGeometry, lookup_on_crop, paste_on_scan, preprocess_arrays, resample_to_crop, unmap_labels
 from ssl3d_cli.data.summary import DatasetSummary
 from ssl3d_cli.errors import CheckpointError, ConfigError, InputDataError
 from ssl3d_cli.inference.mc import sample_probabilities
-from ssl3d_cli.inference.votes import VoteAccumulator, apply_union, decide
+from ssl3d_cli.inference.votes import UNDECIDED, VoteAccumulator, apply_union, clear_winners, decide, label_dtype
 from ssl3d_cli.models.unet import UNet
 from ssl3d_cli.runs import find_model
 from ssl3d_cli.runtime.device import Precision, resolve_device, resolve_precision, set_threads
@@ -150,14 +151,18 @@ def sampling_rates(seg: Segmenter, mc: MCConfig, *, warn: bool = True) -> MCConf
 
 
 def accumulate(seg: Segmenter, image: torch.Tensor, mc: MCConfig, *, track_entropy: bool = False,
-               extra: Any = None) -> VoteAccumulator:
+               extra: Any = None, rules: Sequence[str] | None = None) -> VoteAccumulator:
     """Sample (or run once) and count votes. ``extra(probs)`` sees each batch too (uncertainty stores).
 
     Dropout rates left as None in ``mc`` are the model's training rates (see :func:`sampling_rates`).
+
+    Args:
+        rules: the vote rules that will be read from the result (default: ``mc.vote`` alone); only their sums are kept.
     """
     mc = sampling_rates(seg, mc, warn=False)
     weights = torch.tensor(mc.vote_weights, dtype=torch.float32) if mc.vote_weights else None
-    acc = VoteAccumulator(seg.num_classes, weights=weights, track_entropy=track_entropy)
+    acc = VoteAccumulator(seg.num_classes, weights=weights, track_entropy=track_entropy,
+                          rules=tuple(rules) if rules is not None else (mc.vote,))
 
     def consume(probs: torch.Tensor) -> None:
         acc.update(probs)
@@ -175,44 +180,77 @@ def background_fill(num_classes: int) -> list[float]:
 
 
 class ScanVotes:
-    """One scan's vote sums mapped onto its grid; the mean probabilities are resampled once, whatever
-    the number of rules asked for (the experiment asks for six).
+    """One scan's vote sums mapped onto its grid.
+
+    Score maps are resampled onto the crop box only, on the accumulator's device (or ``device``), and decided there
+    in slabs: outside the box every rule's answer is class 0 (the background fill makes class 0 the only top score
+    there), so the scan's full grid is touched once, by the labels. The mean probabilities are resampled once,
+    whatever the number of rules asked for (the experiment asks for six), and put on the full grid only when asked
+    for (:meth:`mean_prob`). On the CPU the labels are those of resampling onto the full grid and deciding there
+    bit for bit; on a GPU the trilinear resample rounds like the GPU's kernel.
     """
 
-    def __init__(self, acc: VoteAccumulator, geometry: CaseGeometry) -> None:
+    def __init__(self, acc: VoteAccumulator, geometry: CaseGeometry, *, device: torch.device | str | None = None) -> None:
         self.acc, self.geometry = acc, geometry
+        self.device = torch.device(device) if device is not None else None
         self._fill = background_fill(acc.num_classes)
+        self._mean_crop: torch.Tensor | None = None
         self._mean: torch.Tensor | None = None
 
-    def _restore(self, scores: torch.Tensor, background: list[float] | float) -> torch.Tensor:
-        return torch.from_numpy(restore_scores(scores.cpu(), self.geometry, background=background))
+    def _crop(self, scores: torch.Tensor) -> torch.Tensor:
+        """(C, D, H, W) cache-grid scores -> (C, *crop_shape) float32 on the crop box, canonical order."""
+        return resample_to_crop(scores if self.device is None else scores.to(self.device), self.geometry)
+
+    def mean_prob_crop(self) -> torch.Tensor:
+        """(C, *crop_shape) mean class probabilities on the crop box (canonical order)."""
+        if self._mean_crop is None:
+            self._mean_crop = self._crop(self.acc.mean_prob())
+        return self._mean_crop
 
     def mean_prob(self) -> torch.Tensor:
-        """(C, X, Y, Z) mean class probabilities on the scan's grid."""
+        """(C, X, Y, Z) mean class probabilities on the scan's grid (CPU)."""
         if self._mean is None:
-            self._mean = self._restore(self.acc.mean_prob(), self._fill)
+            self._mean = torch.from_numpy(paste_on_scan(self.mean_prob_crop().cpu().numpy(), self.geometry, self._fill))
         return self._mean
 
     def labels(self, rule: str, union_classes: list[int] | None = None) -> np.ndarray:
-        """The rule's labels (class indices) on the scan's grid (X, Y, Z).
+        """The rule's labels (class indices, uint8 up to 256 classes) on the scan's grid (X, Y, Z).
 
         A single (deterministic) pass is the plain arg-max whatever the rule: there is nothing to vote on.
         """
-        if self.acc.n <= 1 or rule == "mean":
-            return decide(self.mean_prob(), self.mean_prob()).numpy()
-        labels = decide(self._restore(self.acc.scores(rule), self._fill), self.mean_prob())
-        if rule == "union" and union_classes:
-            labels = apply_union(labels, self._restore((self.acc.votes > 0).float(), 0.0) >= 0.5, union_classes)
-        return labels.numpy()
+        dtype = label_dtype(self.acc.num_classes)
+        plain = self.acc.n <= 1 or rule == "mean"
+        coarse = self.acc.mean_prob() if plain else self.acc.scores(rule)
+        if self.device is not None:
+            coarse = coarse.to(self.device)
+        # voxels whose label is clear on the cache grid are not decided again (exact: see clear_winners); when most are
+        # unclear (noisy votes), gathering the rest would cost more than deciding every voxel in slabs
+        known = None
+        if self.acc.num_classes < UNDECIDED:
+            clear = clear_winners(coarse)
+            if float((clear == UNDECIDED).float().mean()) < 0.5:
+                known = lookup_on_crop(clear, self.geometry)
+        if plain:
+            crop = decide(self.mean_prob_crop(), self.mean_prob_crop(), dtype=dtype, known=known)
+        else:  # the mean probabilities are resampled only if some undecided voxel has tied scores
+            crop = decide(self._crop(coarse), self.mean_prob_crop, dtype=dtype, known=known)
+        if rule == "union" and union_classes and not plain:
+            votes = self.acc.votes[union_classes] > 0  # only the union classes' maps are resampled
+            any_vote = torch.zeros((self.acc.num_classes, *crop.shape), dtype=torch.bool, device=crop.device)
+            any_vote[union_classes] = self._crop(votes.float()) >= 0.5
+            crop = apply_union(crop, any_vote, union_classes)
+        return paste_on_scan(crop.cpu().numpy(), self.geometry, 0)
 
 
-def vote_case(seg: Segmenter, image: torch.Tensor, geometry: CaseGeometry, mc: MCConfig) -> ScanVotes:
+def vote_case(seg: Segmenter, image: torch.Tensor, geometry: CaseGeometry, mc: MCConfig, *,
+              rules: Sequence[str] | None = None) -> ScanVotes:
     """MC-dropout samples (or one deterministic pass) of a prepared case, as votes mapped onto its scan.
 
     Args:
         image: (1, C, D, H, W) from :func:`prepare_case`; ``geometry`` maps the cache grid back to the scan.
+        rules: the vote rules that will be asked of the result (default: ``mc.vote``).
     """
-    return ScanVotes(accumulate(seg, image, mc), geometry)
+    return ScanVotes(accumulate(seg, image, mc, rules=rules), geometry)
 
 
 def segmentation(seg: Segmenter, votes: ScanVotes, rule: str, union_classes: list[int] | None = None) -> np.ndarray:

@@ -232,7 +232,7 @@ def _mc_rows(run_dir: Path, method: str, test_ids: list[str], cache_dir: Path, *
             image, geometry = prepare_case(seg, cache.case_spec(cid))
             for name, (enc, dec), n, rules in passes:
                 mc = MCConfig(mc_samples=n, dropout_encoder=enc, dropout_decoder=dec, vote_weights=weights, seed=base["seed"])
-                scores = _score(seg, vote_case(seg, image, geometry, mc), truth, truth_index, rules, spacing)
+                scores = _score(seg, vote_case(seg, image, geometry, mc, rules=rules), truth, truth_index, rules, spacing)
                 for rule in rules:
                     key = (name, trained, enc, dec, rule)
                     per.setdefault(key, []).append({"dice": scores["dice"][rule], **scores["calibration"]})
