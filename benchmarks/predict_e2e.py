@@ -2,7 +2,7 @@
 restore+decide / write, and peak memory, now and before issue 14's speed work (in the same run).
 
     python benchmarks/predict_e2e.py [--cases 3] [--shape 512,512,96] [--device auto] [--mc-samples 4] [--vote borda]
-                                     [--widths 4,8,16,16,16] [--size 128] [--threads 0] [--modes now,before]
+                                     [--widths 4,8,16,16,16] [--size 128] [--threads 0] [--modes now,before] [--prefetch 0]
 
 A folder of synthetic CT-like scans (``ssl3d_cli.data.synthetic``, about 512 x 512 x 96, int16 HU, several
 orientations) is written once; each mode then predicts every scan in a fresh process through the real
@@ -11,6 +11,11 @@ calls wrapped by timers (synchronised on a GPU). ``before`` swaps in the replace
 ``benchmarks/_baseline.py`` (preprocessing, the every-rule accumulator, full-grid restore and decide). The network is a
 tiny randomly initialised U-Net (``--widths``) so that CPU runs stay short: the sampling figure is the network's share
 only at real widths. The first scan carries one-time costs; ``amortised`` averages the others.
+
+``--prefetch 0,1`` runs each mode once per value through ``stages.predict.run_cases`` (what ``ssl3d predict
+--prefetch N`` runs): 0 is one case after the other, N > 0 reads and preprocesses N cases ahead in a background thread
+and writes behind in another. Stages then overlap, so the figure to compare is ``wall_per_scan`` (the whole batch's
+wall time over the scans, first scan included); the stage columns become busy seconds summed over threads.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from ssl3d_cli.models.unet import UNet
 from ssl3d_cli.runtime.device import resolve_device, resolve_precision, set_threads
 import importlib
 stage = importlib.import_module("ssl3d_cli.stages.predict")  # the module: the package binds the stage function to the name
-_, _, mode, data, out, device_spec, mc_samples, vote, widths, size, threads = sys.argv
+_, _, mode, data, out, device_spec, mc_samples, vote, widths, size, threads, prefetch = sys.argv
+prefetch = int(prefetch)
 device = resolve_device(device_spec); threads = set_threads(int(threads))
 precision = resolve_precision("auto", device)
 pre = PreprocessConfig(size=(int(size),) * 3).to_dict()
@@ -88,18 +94,27 @@ stage.segmentation = timed("restore_decide", stage.segmentation)
 stage.write_like = timed("write", stage.write_like)
 cases, _ = discover_inputs([Path(data)])
 rows = []
-for case in cases:
-    times.clear()
-    t0 = time.perf_counter()
-    stage.predict_one(seg, case, Path(out), mc=mc, union_classes=union, save_probabilities=False, provenance=None)
+batch_t0 = time.perf_counter()
+if prefetch == 0:
+    for case in cases:
+        times.clear()
+        t0 = time.perf_counter()
+        stage.predict_one(seg, case, Path(out), mc=mc, union_classes=union, save_probabilities=False, provenance=None)
+        sync()
+        row = {k: round(v, 3) for k, v in times.items()}
+        row["total"] = round(time.perf_counter() - t0, 3)
+        rows.append(row)
+        print(json.dumps({"case": case.case_id, **row}), file=sys.stderr, flush=True)
+    later = rows[1:] or rows
+    amortised = {k: round(sum(r[k] for r in later) / len(later), 3) for k in rows[0]}
+else:  # stages overlap: busy seconds per stage over the batch, per scan
+    work = stage.predict_stages(seg, Path(out), mc=mc, union_classes=union, save_probabilities=False, provenance=None)
+    stage.run_cases(cases, work, description="Predicting", skip_bad=None, prefetch=prefetch)
     sync()
-    row = {k: round(v, 3) for k, v in times.items()}
-    row["total"] = round(time.perf_counter() - t0, 3)
-    rows.append(row)
-    print(json.dumps({"case": case.case_id, **row}), file=sys.stderr, flush=True)
-later = rows[1:] or rows
-amortised = {k: round(sum(r[k] for r in later) / len(later), 3) for k in rows[0]}
-print(json.dumps({"mode": mode, "device": str(device), "precision": precision.name, "threads": threads, "per_case": rows, "amortised": amortised,
+    amortised = {k: round(v / len(cases), 3) for k, v in times.items()}
+wall_per_scan = round((time.perf_counter() - batch_t0) / len(cases), 3)
+print(json.dumps({"mode": mode, "prefetch": prefetch, "wall_per_scan": wall_per_scan, "device": str(device), "precision": precision.name,
+                  "threads": threads, "per_case": rows, "amortised": amortised,
                   "peak_rss_mib": peak_rss_mib(),
                   "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None}))
 """
@@ -116,6 +131,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--modes", default="now,before")
+    ap.add_argument("--prefetch", default="0", help="comma list: each mode runs once per value (0: sequential; N: N cases read ahead)")
     args = ap.parse_args()
     from ssl3d_cli.stages.synth import synth
 
@@ -127,18 +143,22 @@ def main() -> None:
         synth(data, kind="ct", cases=args.cases, unlabelled=0, shape=shape, seed=0)  # type: ignore[arg-type]
         print(f"# wrote {args.cases} scans of ~{args.shape} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-        results = []
+        results, folders = [], []
         for mode in args.modes.split(","):
-            out = Path(tmp) / f"out-{mode}"
-            out.mkdir()
-            res = run_child(CHILD, here, mode, str(data / "imagesTr"), str(out), args.device, str(args.mc_samples), args.vote,
-                            args.widths, str(args.size), str(args.threads))
-            res.pop("child_peak_rss_mib_at_least", None)
-            results.append(res)
-            print(json.dumps(res), flush=True)
-        differing = _differing_voxels([Path(tmp) / f"out-{mode}" for mode in args.modes.split(",")])
+            for prefetch in args.prefetch.split(","):
+                out = Path(tmp) / f"out-{mode}-prefetch{prefetch}"
+                out.mkdir()
+                folders.append(out)
+                res = run_child(CHILD, here, mode, str(data / "imagesTr"), str(out), args.device, str(args.mc_samples), args.vote,
+                                args.widths, str(args.size), str(args.threads), prefetch)
+                res.pop("child_peak_rss_mib_at_least", None)
+                results.append(res)
+                print(json.dumps(res), flush=True)
+        differing = _differing_voxels(folders)
+        load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(json.dumps({"benchmark": "predict_e2e", "shape": args.shape, "cases": args.cases, "mc_samples": args.mc_samples, "vote": args.vote,
-                      "widths": args.widths, "size": args.size, "cpus": os.cpu_count(), "load": load, "differing_voxels": differing,
+                      "widths": args.widths, "size": args.size, "cpus": os.cpu_count(), "load": load, "load_after": load_after,
+                      "prefetch": args.prefetch, "differing_voxels": differing,
                       "results": results}))
 
 

@@ -47,6 +47,9 @@ DropDecOpt = Annotated[float | None, typer.Option("--dropout-decoder", help="Dec
 McBatchOpt = Annotated[int, typer.Option("--mc-batch", help="Samples per forward batch (0: chosen from free memory).")]
 ShardOpt = Annotated[str | None, typer.Option("--shard", help="I/N: every N-th input from I (array jobs).")]
 SplitOpt = Annotated[str | None, typer.Option("--split", help="'test': the held-out test cases of the model's fine-tuning run.")]
+PrefetchOpt = Annotated[int, typer.Option("--prefetch", help="Cases read and preprocessed ahead in a background thread while "
+                                          "the current one is sampled, its files written behind in another (0: one case after the "
+                                          "other). Outputs are the same either way.")]
 SeriesOpt = Annotated[str | None, typer.Option("--series", help="SeriesInstanceUID: read only this series of a DICOM folder (default: "
                                               "each series of a folder is its own case, named <folder>_<number>_<description>).")]
 
@@ -72,6 +75,7 @@ def command(
     shard: ShardOpt = None,
     split: SplitOpt = None,
     series: SeriesOpt = None,
+    prefetch: PrefetchOpt = 1,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = 0,
@@ -91,7 +95,7 @@ def command(
                       union_classes=tuple(union_class or ()), mc_batch=mc_batch, seed=seed)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed)
         return predict(inputs, output=output, model=model, mc=mc, runtime=runtime, overwrite=overwrite, shard=shard, split=split,
-                       save_probabilities=save_probabilities, skip_bad=skip_bad, series=series)
+                       save_probabilities=save_probabilities, skip_bad=skip_bad, series=series, prefetch=prefetch)
 
     def human(r: dict) -> None:
         for c in r["cases"]:

@@ -22,7 +22,7 @@ from ssl3d_cli.cli.common import (
     raise_if_cases_failed,
     run_stage,
 )
-from ssl3d_cli.cli.predict import DropDecOpt, DropEncOpt, McBatchOpt, ModelOpt, SeriesOpt, ShardOpt, SplitOpt
+from ssl3d_cli.cli.predict import DropDecOpt, DropEncOpt, McBatchOpt, ModelOpt, PrefetchOpt, SeriesOpt, ShardOpt, SplitOpt
 
 NAME = "uncertainty"
 HELP = ("Per-voxel percentile heat maps (5th/50th/95th) over MC-dropout samples of the probability of a class (or classes, "
@@ -65,6 +65,7 @@ def command(
     series: SeriesOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Recompute every case, even those whose provenance matches this run.")] = False,
     skip_bad: SkipBadOpt = False,
+    prefetch: PrefetchOpt = 1,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = 0,
@@ -86,7 +87,7 @@ def command(
         return uncertainty(inputs, output=output, model=model, mc=mc, runtime=runtime, classes=list(class_ or []),
                            percentiles=list(parse_float_list(percentiles, option="--percentiles")), label=label, figure=figure,
                            overwrite=overwrite, shard=shard, split=split, skip_bad=skip_bad,
-                           series=series)
+                           series=series, prefetch=prefetch)
 
     def human(r: dict) -> None:
         for c in r["cases"]:

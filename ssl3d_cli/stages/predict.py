@@ -165,13 +165,48 @@ class BatchResult:
     pending: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class StagedWork:
+    """One case's work in three stages, so that a batch can overlap them (see :func:`run_cases`).
+
+    Attributes:
+        prepare: reads, checks and preprocesses a case; touches no file (a bad scan raises here, before any output is
+            replaced). Runs in the prefetch thread when the batch is pipelined.
+        compute: samples and restores a prepared case (the device's part); runs in the calling thread.
+        write: writes a computed case's files and records, returns its record; runs in the writer thread when pipelined.
+
+    Called as a function, it runs the three in turn: the sequential path is the same code.
+    """
+
+    prepare: Callable[[CaseSpec], Any]
+    compute: Callable[[Any], Any]
+    write: Callable[[Any], dict[str, Any]]
+
+    def __call__(self, case: CaseSpec) -> dict[str, Any]:
+        return self.write(self.compute(self.prepare(case)))
+
+
+def _reraise(exc: BaseException) -> Callable[[], dict[str, Any]]:
+    def again() -> dict[str, Any]:
+        raise exc
+
+    return again
+
+
 def run_cases(cases: list[CaseSpec], work: Callable[[CaseSpec], dict[str, Any]], *, description: str, skip_bad: bool | None = False,
-              result: BatchResult | None = None, on_case: Callable[[BatchResult], None] | None = None) -> BatchResult:
+              result: BatchResult | None = None, on_case: Callable[[BatchResult], None] | None = None,
+              prefetch: int = 0) -> BatchResult:
     """Run ``work`` on each case in turn, with a progress bar.
 
     A case whose ``work`` raises an :class:`Ssl3dError` (an unreadable scan, the wrong channels, ...) stops the
     batch with the same error, its message counting the cases left unprocessed and naming ``--skip-bad``; with
     ``skip_bad`` the case is listed in ``failed`` (and logged) and the batch goes on.
+
+    With ``prefetch`` > 0 and a :class:`StagedWork`, the stages overlap: one background thread prepares (reads and
+    preprocesses) up to ``prefetch`` cases ahead of the one being computed, and another writes the previous case's
+    files meanwhile (at most one case's writes in flight). Cases still finish, fail, are recorded (``on_case``) and
+    advance the bar in order, with the same messages as the sequential run; a case counts as done once it is written.
+    On Ctrl-C or a :class:`StopRequested` the write in flight finishes (it is listed as done) and nothing else starts.
 
     Args:
         cases: the cases, in order.
@@ -180,34 +215,97 @@ def run_cases(cases: list[CaseSpec], work: Callable[[CaseSpec], dict[str, Any]],
         skip_bad: continue past failing cases; None: the command has no ``--skip-bad`` (the error is raised as it is).
         result: filled in place (so a caller still holds it when the batch stops); default a new one.
         on_case: called after each case, finished or failed (e.g. to keep a run record current).
+        prefetch: cases prepared ahead (0: each case's stages in turn, nothing in the background).
 
     Returns:
         The done, failed and (none left) pending cases.
     """
     result = result if result is not None else BatchResult()
     result.pending = [c.case_id for c in cases]
-    with progress.task(description, total=len(cases)) as bar:
-        for i, case in enumerate(cases):
-            try:
-                result.done.append(work(case))
-            except StopRequested:  # SIGTERM/SIGUSR1: never a bad scan
+
+    def finish(i: int, case: CaseSpec, record: Callable[[], dict[str, Any]], bar: Any) -> None:
+        try:
+            result.done.append(record())
+        except StopRequested:  # SIGTERM/SIGUSR1: never a bad scan
+            raise
+        except Ssl3dError as exc:
+            result.failed.append({"case": case.case_id, "error": str(exc)})
+            if skip_bad is None:
+                result.pending = result.pending[1:]
                 raise
-            except Ssl3dError as exc:
-                result.failed.append({"case": case.case_id, "error": str(exc)})
-                if skip_bad is None:
-                    result.pending = result.pending[1:]
-                    raise
-                if not skip_bad:
-                    result.pending = result.pending[1:]
-                    left = len(cases) - i
-                    raise type(exc)(f"{exc} ({left} of {len(cases)} case(s) not processed: this one and {left - 1} after it; "
-                                    "add --skip-bad to continue past bad scans and list them at the end)") from None
-                log.warning("case %s: failed, skipped (%s)", case.case_id, exc)
-            result.pending = result.pending[1:]
-            if on_case is not None:
-                on_case(result)
-            bar.advance(1)
+            if not skip_bad:
+                result.pending = result.pending[1:]
+                left = len(cases) - i
+                raise type(exc)(f"{exc} ({left} of {len(cases)} case(s) not processed: this one and {left - 1} after it; "
+                                "add --skip-bad to continue past bad scans and list them at the end)") from None
+            log.warning("case %s: failed, skipped (%s)", case.case_id, exc)
+        result.pending = result.pending[1:]
+        if on_case is not None:
+            on_case(result)
+        bar.advance(1)
+
+    with progress.task(description, total=len(cases)) as bar:
+        if prefetch > 0 and isinstance(work, StagedWork) and cases:
+            _run_pipelined(cases, work, prefetch, lambda i, case, record: finish(i, case, record, bar), result)
+        else:
+            for i, case in enumerate(cases):
+                finish(i, case, lambda case=case: work(case), bar)
     return result
+
+
+def _run_pipelined(cases: list[CaseSpec], work: StagedWork, prefetch: int,
+                   finish: Callable[[int, CaseSpec, Callable[[], dict[str, Any]]], None], result: BatchResult) -> None:
+    """:func:`run_cases`' overlapped loop: prepare ahead in one thread, compute here, write behind in another."""
+    from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+    readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssl3d-prefetch")
+    writers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssl3d-write")
+    prepared: dict[int, Future] = {}
+    writing: tuple[int, CaseSpec, Future] | None = None
+
+    def settle() -> None:
+        """Wait for the write in flight and finish its case (done, or failed when writing raised)."""
+        nonlocal writing
+        if writing is not None:
+            i, case, future = writing
+            wait([future])  # interrupted here (Ctrl-C), the write stays in flight for the handler below
+            writing = None
+            finish(i, case, future.result)
+
+    try:
+        for i, case in enumerate(cases):
+            for j in range(i, min(i + prefetch + 1, len(cases))):  # one worker: submitted in order, run in order
+                if j not in prepared:
+                    prepared[j] = readers.submit(work.prepare, cases[j])
+            try:
+                computed = work.compute(prepared.pop(i).result())
+            except Exception as exc:  # a bad scan (or any failure) of this case: the case before it finishes first
+                settle()
+                finish(i, case, _reraise(exc))
+                continue
+            settle()
+            writing = (i, case, writers.submit(work.write, computed))
+            del computed
+        settle()
+    except BaseException:
+        # Ctrl-C, a signal, or an error that stops the batch: the write in flight completes (its files are whole and its
+        # record last, as always) and is listed; nothing new starts
+        for future in prepared.values():
+            future.cancel()
+        if writing is not None:
+            i, case, future = writing
+            writing = None
+            try:
+                record = future.result()
+            except BaseException as exc:  # noqa: BLE001 - the batch is stopping for another reason
+                log.debug("case %s: write failed while stopping (%s)", case.case_id, exc)
+            else:
+                result.done.append(record)
+                result.pending = [c for c in result.pending if c != case.case_id]
+        raise
+    finally:
+        readers.shutdown(wait=True, cancel_futures=True)
+        writers.shutdown(wait=True)
 
 
 def probability_axis(seg: Segmenter) -> dict[str, Any]:
@@ -236,35 +334,77 @@ def write_viewer_tables(seg: Segmenter, out_dir: Path) -> dict[str, str]:
     return {viewer: str(path) for viewer, path in tables.items()}
 
 
-def predict_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, union_classes: list[int],
-                save_probabilities: bool, provenance: RunProvenance | None = None) -> dict[str, Any]:
-    """Predict one case and write ``<case>.nii.gz`` (and ``<case>_probabilities.nii.gz``), then its provenance record.
+@dataclass
+class PreparedCase:
+    """A case read, checked and preprocessed (:func:`prepare_case_input`), nothing written yet.
 
-    The scan is read and sampled before anything is touched, so a bad scan leaves the case's earlier files (and their
-    record) as they were. Once outputs are replaced, the old record is gone until the new one is written last.
+    Attributes:
+        case: the case.
+        grid: the scan's grid (all that writing needs: the scan's voxels are not kept while sampling).
+        image: (1, C, D, H, W) on the device; ``geometry`` maps results back to the scan.
+        seconds: time spent preparing (summed into the case's ``seconds``).
+        extra: what a command keeps of the scan beyond that (``ssl3d uncertainty``: the figure's underlay and truth).
     """
+
+    case: CaseSpec
+    grid: Any
+    image: Any
+    geometry: Any
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ComputedPrediction:
+    """A case's labels (and mean probabilities) on its scan's grid, ready to write."""
+
+    case: CaseSpec
+    grid: Any
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    seconds: float
+
+
+def prepare_case_input(seg: Segmenter, case: CaseSpec) -> PreparedCase:
+    """Read and check a case's scan and apply the model's preprocessing; touches no file (a bad scan raises here)."""
     t0 = time.perf_counter()
     scan = read_case_scan(seg, case)
-    grid = scan.grid  # all that writing needs: the scan's voxels are not kept while sampling
     image, geometry = prepare_scan(seg, scan)
-    del scan
-    votes = vote_case(seg, image, geometry, mc)
+    return PreparedCase(case, scan.grid, image, geometry, time.perf_counter() - t0)
+
+
+def compute_prediction(seg: Segmenter, prepared: PreparedCase, *, mc: MCConfig, union_classes: list[int],
+                       save_probabilities: bool) -> ComputedPrediction:
+    """Sample a prepared case and restore its labels (and mean probabilities) onto its scan's grid."""
+    t0 = time.perf_counter()
+    votes = vote_case(seg, prepared.image, prepared.geometry, mc)
     labels = segmentation(seg, votes, mc.vote, union_classes)
+    probs = np.moveaxis(votes.mean_prob().numpy(), 0, -1).astype(np.float32) if save_probabilities else None
+    return ComputedPrediction(prepared.case, prepared.grid, labels, probs, prepared.seconds + time.perf_counter() - t0)
+
+
+def write_prediction(seg: Segmenter, computed: ComputedPrediction, out_dir: Path, *,
+                     provenance: RunProvenance | None = None) -> dict[str, Any]:
+    """Write ``<case>.nii.gz`` (and ``<case>_probabilities.nii.gz``), then the case's provenance record; returns its record.
+
+    Once outputs are replaced, the old record is gone until the new one is written last.
+    """
+    t0 = time.perf_counter()
+    case, grid, save_probabilities = computed.case, computed.grid, computed.probabilities is not None
     names = output_names(case.case_id, save_probabilities)
     record_path = provenance_path(out_dir, case.case_id)
     remove_provenance(record_path)
-    out = write_like(labels, grid, out_dir / names["segmentation"], kind="label", description="label map")
+    out = write_like(computed.labels, grid, out_dir / names["segmentation"], kind="label", description="label map")
     record: dict[str, Any] = {"case": case.case_id, "segmentation": str(out)}
     probabilities = out_dir / output_names(case.case_id, True)["probabilities"]
-    if save_probabilities:
-        probs = votes.mean_prob().numpy()
+    if computed.probabilities is not None:
         classes = ",".join(seg.dataset.class_names)  # the full order is in the provenance record (probabilities_axis)
-        record["probabilities"] = str(write_like(np.moveaxis(probs, 0, -1).astype(np.float32), grid, probabilities, kind="probability",
+        record["probabilities"] = str(write_like(computed.probabilities, grid, probabilities, kind="probability",
                                                  intent_name="class probs", description=f"class probabilities; axis 4: {classes}"))
     elif probabilities.exists():  # from an earlier computation of this case: it would not match the new labels
         probabilities.unlink()
         log.info("case %s: removed %s of an earlier run (no --save-probabilities now)", case.case_id, probabilities.name)
-    record["seconds"] = round(time.perf_counter() - t0, 3)
+    record["seconds"] = round(computed.seconds + time.perf_counter() - t0, 3)
     if provenance is not None:
         case_record = provenance.case_record(case.case_id, case.image_paths, names, record["seconds"], series_uid=case.series_uid)
         if save_probabilities:
@@ -274,21 +414,56 @@ def predict_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, 
     return record
 
 
+def predict_stages(seg: Segmenter, out_dir: Path, *, mc: MCConfig, union_classes: list[int], save_probabilities: bool,
+                   provenance: RunProvenance | None = None) -> StagedWork:
+    """:func:`predict_one` as its three stages, for :func:`run_cases` to overlap."""
+    return StagedWork(prepare=lambda case: prepare_case_input(seg, case),
+                      compute=lambda prepared: compute_prediction(seg, prepared, mc=mc, union_classes=union_classes,
+                                                                  save_probabilities=save_probabilities),
+                      write=lambda computed: write_prediction(seg, computed, out_dir, provenance=provenance))
+
+
+def predict_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, union_classes: list[int],
+                save_probabilities: bool, provenance: RunProvenance | None = None) -> dict[str, Any]:
+    """Predict one case and write ``<case>.nii.gz`` (and ``<case>_probabilities.nii.gz``), then its provenance record.
+
+    The scan is read and sampled before anything is touched, so a bad scan leaves the case's earlier files (and their
+    record) as they were. Once outputs are replaced, the old record is gone until the new one is written last.
+    """
+    return predict_stages(seg, out_dir, mc=mc, union_classes=union_classes, save_probabilities=save_probabilities,
+                          provenance=provenance)(case)
+
+
 def predict_cases(seg: Segmenter, cases: list[CaseSpec], out_dir: Path, *, mc: MCConfig, union_classes: list[int] | None = None,
                   save_probabilities: bool = False, description: str = "Predicting", provenance: RunProvenance | None = None,
                   skip_bad: bool | None = None, result: BatchResult | None = None,
-                  on_case: Callable[[BatchResult], None] | None = None) -> BatchResult:
-    """Predict and write each case in turn (what ``ssl3d predict`` and fine-tuning's test table both run).
+                  on_case: Callable[[BatchResult], None] | None = None, prefetch: int = 1) -> BatchResult:
+    """Predict and write each case (what ``ssl3d predict`` and fine-tuning's test table both run).
 
     Args:
         provenance: when given, each case gets its ``<case>.provenance.json`` (``ssl3d predict``).
-        skip_bad, result, on_case: see :func:`run_cases`.
+        skip_bad, result, on_case, prefetch: see :func:`run_cases` (``prefetch`` 0: each case's stages in turn).
     """
-    def work(case: CaseSpec) -> dict[str, Any]:
-        return predict_one(seg, case, out_dir, mc=mc, union_classes=list(union_classes or []), save_probabilities=save_probabilities,
-                           provenance=provenance)
+    work = predict_stages(seg, out_dir, mc=mc, union_classes=list(union_classes or []), save_probabilities=save_probabilities,
+                          provenance=provenance)
+    return run_cases(cases, work, description=description, skip_bad=skip_bad, result=result, on_case=on_case, prefetch=prefetch)
 
-    return run_cases(cases, work, description=description, skip_bad=skip_bad, result=result, on_case=on_case)
+
+def check_prefetch(prefetch: int) -> None:
+    """Refuse a negative ``--prefetch``."""
+    if prefetch < 0:
+        raise ConfigError(f"--prefetch {prefetch}: must be >= 0 (0: one case after the other; default 1)")
+
+
+def logged_recompute(stages: StagedWork, why: dict[str, str]) -> StagedWork:
+    """``stages`` logging, once a case is written, why it was recomputed (for cases that had earlier output)."""
+    def write(computed: Any) -> dict[str, Any]:
+        record = stages.write(computed)
+        if why[record["case"]] != NEW_CASE:
+            log.info("case %s: recomputed (%s)", record["case"], why[record["case"]])
+        return record
+
+    return StagedWork(prepare=stages.prepare, compute=stages.compute, write=write)
 
 
 def run_provenance(seg: Segmenter, mc: MCConfig, union_classes: list[int]) -> RunProvenance:
@@ -335,7 +510,7 @@ def args_path(out_dir: Path, shard: str | None, stem: str = "predict_args") -> P
 
 def run_recorded(todo: list[tuple[CaseSpec, str]], work: Callable[[CaseSpec], dict[str, Any]], *, record_file: Path,
                  description: dict[str, Any], kept: list[dict[str, str]], progress_label: str, skip_bad: bool,
-                 provenance_keys: tuple[str, ...] = ("provenance",)) -> BatchResult:
+                 provenance_keys: tuple[str, ...] = ("provenance",), prefetch: int = 0) -> BatchResult:
     """Run the cases to compute while keeping the run's record (``predict_args.json``) current.
 
     The record is written when the run starts (``status: running``), after every case, and at the end
@@ -350,6 +525,7 @@ def run_recorded(todo: list[tuple[CaseSpec, str]], work: Callable[[CaseSpec], di
         progress_label: the progress bar's label.
         skip_bad: see :func:`run_cases`.
         provenance_keys: keys of ``work``'s record naming provenance files, listed (by file name) in ``written``.
+        prefetch: see :func:`run_cases`; a case enters the record once it is written.
     """
     why = {case.case_id: reason for case, reason in todo}
 
@@ -362,7 +538,7 @@ def run_recorded(todo: list[tuple[CaseSpec, str]], work: Callable[[CaseSpec], di
     save(batch, "running")
     try:
         run_cases([c for c, _ in todo], work, description=progress_label, skip_bad=skip_bad, result=batch,
-                  on_case=lambda b: save(b, "running"))
+                  on_case=lambda b: save(b, "running"), prefetch=prefetch)
     except BaseException:  # a bad scan without --skip-bad, Ctrl-C, SIGTERM: the record says what was and was not done
         save(batch, "stopped")
         raise
@@ -383,6 +559,7 @@ def predict(
     save_probabilities: bool = False,
     skip_bad: bool = False,
     series: str | None = None,
+    prefetch: int = 1,
 ) -> dict[str, Any]:
     """Segment every input case; an existing case is kept only when its provenance matches this run.
 
@@ -396,12 +573,15 @@ def predict(
         split: ``"test"``: the held-out test cases of the model's fine-tuning run (inputs = the dataset).
         skip_bad: continue past cases that fail (listed in ``failed``); the CLI then exits 4.
         series: a SeriesInstanceUID: read only that series of each DICOM folder (default: every series, one case each).
+        prefetch: cases read and preprocessed ahead in a background thread while the current one is sampled, its
+            files written behind in another (0: one case after the other). Outputs are the same either way.
 
     Returns:
         ``predicted`` / ``written`` (with why), ``skipped_existing`` / ``kept``, ``failed`` (case, error), the records.
     """
     mc = (mc or MCConfig()).validate()
     runtime = (runtime or RuntimeConfig()).validate()
+    check_prefetch(prefetch)
     paths = [Path(p) for p in inputs]
     seg = open_segmenter(model, runtime, dataset_name=inputs_dataset(paths, model_given=model is not None))
     mc = sampling_rates(seg, mc)
@@ -421,21 +601,17 @@ def predict(
         "tool_version": __version__, "model": {"path": provenance.model_path, "sha256": provenance.model_sha256,
                                                "dataset": seg.dataset.name, "chosen_by": seg.chosen_by or "--model"},
         "mc": mc.to_dict(), "runtime": runtime.to_dict(), "inputs": [str(p) for p in inputs], "split": split, "shard": shard,
-        "series": series, "overwrite": overwrite, "save_probabilities": save_probabilities, "skip_bad": skip_bad,
+        "series": series, "overwrite": overwrite, "save_probabilities": save_probabilities, "skip_bad": skip_bad, "prefetch": prefetch,
         "class_names": list(seg.dataset.class_names), "label_values": list(seg.dataset.label_values),
     }
     kept_records = [{"case": c.case_id, "provenance": provenance_path(out_dir, c.case_id).name} for c in kept]
     description["label_tables"] = write_viewer_tables(seg, out_dir)
 
-    def work(case: CaseSpec) -> dict[str, Any]:
-        record = predict_one(seg, case, out_dir, mc=mc, union_classes=union_classes, save_probabilities=save_probabilities,
-                             provenance=provenance)
-        if why[case.case_id] != NEW_CASE:
-            log.info("case %s: recomputed (%s)", case.case_id, why[case.case_id])
-        return record
-
+    stages = predict_stages(seg, out_dir, mc=mc, union_classes=union_classes, save_probabilities=save_probabilities,
+                            provenance=provenance)
+    work = logged_recompute(stages, why)
     batch = run_recorded(todo, work, record_file=record_file, description=description, kept=kept_records, progress_label="Predicting",
-                         skip_bad=skip_bad)
+                         skip_bad=skip_bad, prefetch=prefetch)
     return {"output": str(out_dir), "model": str(seg.path), "model_chosen_by": seg.chosen_by, "predicted": len(batch.done),
             "skipped_existing": len(kept), "kept": [c.case_id for c in kept],
             "written": [{"case": r["case"], "why": why[r["case"]]} for r in batch.done], "failed": batch.failed,

@@ -55,8 +55,12 @@ from ssl3d_cli.inference.uncertainty import TargetStore, entropy, percentile_nam
 from ssl3d_cli.provenance import RunProvenance, input_stats, provenance_path, read_provenance, remove_provenance, stale_reasons, write_provenance
 from ssl3d_cli.stages.predict import (
     NEW_CASE,
+    PreparedCase,
+    StagedWork,
     args_path,
+    check_prefetch,
     inputs_dataset,
+    logged_recompute,
     output_names,
     resolve_cases,
     run_provenance,
@@ -261,26 +265,49 @@ def map_header(kind: str, target: Target, num_classes: int) -> dict[str, Any]:
     return {"kind": "estimate", "intent_name": stat, "display_range": (0.0, 1.0), "description": f"{stat} of p({target.name})"}
 
 
-def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, union_classes: list[int], percentiles: list[float],
-                    target: Target, label: Path | None, figure: bool, provenance: RunProvenance) -> dict[str, Any]:
-    """Sample one case once and write its segmentation, maps, figure and records.
+@dataclass
+class ComputedMaps:
+    """A case's labels and restored maps (percentiles, std, entropy, mutual information) on its scan's grid, ready to write."""
 
-    The scan and its label are read and checked, and the case sampled, before any file is touched: a bad scan leaves
-    the case's earlier files as they were. Both records are removed before files are replaced and written last.
-    """
+    prepared: PreparedCase
+    labels: np.ndarray
+    restored: np.ndarray
+    seconds: float
+
+
+def prepare_uncertainty_input(seg: Segmenter, case: CaseSpec, *, label: Path | None, figure: bool) -> PreparedCase:
+    """Read and check a case's scan (and its ``--label``) and preprocess it; touches no file (a bad scan raises here)."""
     t0 = time.perf_counter()
     scan, image, geometry = read_case(seg, case)
     truth = read_truth(label, scan) if figure and label is not None else None
     underlay, underlay_name = display_channel(seg, scan) if figure else (None, "")
-    grid = scan.grid  # all that writing needs: the scan's voxels are not kept while sampling
-    del scan
+    return PreparedCase(case, scan.grid, image, geometry, time.perf_counter() - t0,
+                        extra={"truth": truth, "underlay": underlay, "underlay_name": underlay_name})
+
+
+def compute_maps(seg: Segmenter, prepared: PreparedCase, *, mc: MCConfig, union_classes: list[int], percentiles: list[float],
+                 target: Target) -> ComputedMaps:
+    """Sample a prepared case once; restore its maps and decide its labels on the scan's grid."""
+    t0 = time.perf_counter()
     store = TargetStore(list(target.indices), mc.mc_samples)
-    acc = accumulate(seg, image, mc, track_entropy=True, extra=store)
+    acc = accumulate(seg, prepared.image, mc, track_entropy=True, extra=store)
     h = entropy(acc.mean_prob())
     maps = torch.cat([store.percentiles(percentiles), store.std()[None], h[None], (h - acc.entropy_sum / acc.n)[None].clamp_min(0)])
-    restored = restore_scores(maps.cpu(), geometry, background=0.0)
-    labels = segmentation(seg, ScanVotes(acc, geometry), mc.vote, union_classes)
+    restored = restore_scores(maps.cpu(), prepared.geometry, background=0.0)
+    labels = segmentation(seg, ScanVotes(acc, prepared.geometry), mc.vote, union_classes)
+    prepared.image = None  # the device copy is not needed to write
+    return ComputedMaps(prepared, labels, restored, prepared.seconds + time.perf_counter() - t0)
 
+
+def write_maps(seg: Segmenter, computed: ComputedMaps, out_dir: Path, *, mc: MCConfig, percentiles: list[float], target: Target,
+               label: Path | None, figure: bool, provenance: RunProvenance) -> dict[str, Any]:
+    """Write a computed case's segmentation, maps, figure and records; returns its record.
+
+    Both records are removed before files are replaced and written last.
+    """
+    t0 = time.perf_counter()
+    case, grid, labels, restored = computed.prepared.case, computed.prepared.grid, computed.labels, computed.restored
+    truth, underlay, underlay_name = (computed.prepared.extra[k] for k in ("truth", "underlay", "underlay_name"))
     shared, own = case_outputs(case.case_id), target_outputs(case.case_id, target, percentiles, figure)
     record_path, target_path = provenance_path(out_dir, case.case_id), target_record_path(out_dir, case.case_id, target)
     remove_provenance(record_path)
@@ -303,7 +330,7 @@ def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConf
                                  outline_label=f"{'true' if truth is not None else 'predicted'} {target.name}", out_path=out_dir / own["figure"],
                                  scan=underlay, scan_label=underlay_name, samples=mc.mc_samples)
         record["figure"] = str(png)
-    seconds = time.perf_counter() - t0
+    seconds = computed.seconds + time.perf_counter() - t0
     write_provenance(record_path, provenance.case_record(case.case_id, case.image_paths, shared, seconds, series_uid=case.series_uid))
     target_record = provenance.case_record(case.case_id, case.image_paths, own, seconds, series_uid=case.series_uid)
     target_record["target"] = {**target_identity(target, percentiles, figure, label), "file_name": target.file_name,
@@ -311,6 +338,28 @@ def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConf
     write_provenance(target_path, target_record)
     record.update(seconds=round(seconds, 3), provenance=str(record_path), target_provenance=str(target_path))
     return record
+
+
+def uncertainty_stages(seg: Segmenter, out_dir: Path, *, mc: MCConfig, union_classes: list[int], percentiles: list[float],
+                       target: Target, labels: dict[str, Path], figure: bool, provenance: RunProvenance) -> StagedWork:
+    """:func:`uncertainty_one` as its three stages (``labels``: each case's ``--label``), for :func:`run_cases` to overlap."""
+    return StagedWork(
+        prepare=lambda case: prepare_uncertainty_input(seg, case, label=labels.get(case.case_id), figure=figure),
+        compute=lambda prepared: compute_maps(seg, prepared, mc=mc, union_classes=union_classes, percentiles=percentiles, target=target),
+        write=lambda computed: write_maps(seg, computed, out_dir, mc=mc, percentiles=percentiles, target=target,
+                                          label=labels.get(computed.prepared.case.case_id), figure=figure, provenance=provenance))
+
+
+def uncertainty_one(seg: Segmenter, case: CaseSpec, out_dir: Path, *, mc: MCConfig, union_classes: list[int], percentiles: list[float],
+                    target: Target, label: Path | None, figure: bool, provenance: RunProvenance) -> dict[str, Any]:
+    """Sample one case once and write its segmentation, maps, figure and records.
+
+    The scan and its label are read and checked, and the case sampled, before any file is touched: a bad scan leaves
+    the case's earlier files as they were. Both records are removed before files are replaced and written last.
+    """
+    labels = {case.case_id: label} if label is not None else {}
+    return uncertainty_stages(seg, out_dir, mc=mc, union_classes=union_classes, percentiles=percentiles, target=target, labels=labels,
+                              figure=figure, provenance=provenance)(case)
 
 
 def uncertainty(
@@ -329,6 +378,7 @@ def uncertainty(
     split: str | None = None,
     skip_bad: bool = False,
     series: str | None = None,
+    prefetch: int = 1,
 ) -> dict[str, Any]:
     """Write per-voxel uncertainty maps (and a PNG) for each input case in the scan's geometry, and from the same MC
     samples its segmentation, with per-case provenance records and ``uncertainty_args.json`` (see the module doc).
@@ -345,6 +395,8 @@ def uncertainty(
         overwrite: compute every case, even those whose records match this run.
         skip_bad: continue past cases that fail (listed in ``failed``); the CLI then exits 4.
         series: a SeriesInstanceUID: read only that series of each DICOM folder (default: every series, one case each).
+        prefetch: cases read ahead while the current one is sampled, files written behind (0: one after the other);
+            see :func:`ssl3d_cli.stages.predict.run_cases`.
 
     Returns:
         ``cases`` (records of the cases computed), ``written`` (with why), ``kept``, ``failed``, the target, ``args``.
@@ -357,6 +409,7 @@ def uncertainty(
     if bad:
         raise ConfigError(f"--percentiles {bad}: percentiles must lie in 0..100")
     runtime = (runtime or RuntimeConfig()).validate()
+    check_prefetch(prefetch)
     paths = [Path(p) for p in inputs]
     seg = open_segmenter(model, runtime, dataset_name=inputs_dataset(paths, model_given=model is not None))
     mc = sampling_rates(seg, mc)
@@ -380,7 +433,7 @@ def uncertainty(
         "tool_version": __version__, "model": {"path": provenance.model_path, "sha256": provenance.model_sha256,
                                                "dataset": seg.dataset.name, "chosen_by": seg.chosen_by or "--model"},
         "mc": mc.to_dict(), "runtime": runtime.to_dict(), "inputs": [str(p) for p in inputs], "split": split, "shard": shard,
-        "series": series, "overwrite": overwrite, "skip_bad": skip_bad, "class_names": list(seg.dataset.class_names),
+        "series": series, "overwrite": overwrite, "skip_bad": skip_bad, "prefetch": prefetch, "class_names": list(seg.dataset.class_names),
         "label_values": list(seg.dataset.label_values), "target": target.to_dict(list(seg.dataset.class_names)),
         "percentiles": percentiles, "figure": figure, "label": str(label) if label is not None else None,
         "outputs": {**case_outputs("<case>"), **target_outputs("<case>", target, percentiles, figure)},
@@ -389,15 +442,10 @@ def uncertainty(
                      "target_provenance": target_record_path(out_dir, c.case_id, target).name} for c in kept]
     description["label_tables"] = write_viewer_tables(seg, out_dir)
 
-    def work(case: CaseSpec) -> dict[str, Any]:
-        record = uncertainty_one(seg, case, out_dir, mc=mc, union_classes=union_classes, percentiles=percentiles, target=target,
-                                 label=labels.get(case.case_id), figure=figure, provenance=provenance)
-        if why[case.case_id] != NEW_CASE:
-            log.info("case %s: recomputed (%s)", case.case_id, why[case.case_id])
-        return record
-
+    work = logged_recompute(uncertainty_stages(seg, out_dir, mc=mc, union_classes=union_classes, percentiles=percentiles, target=target,
+                                               labels=labels, figure=figure, provenance=provenance), why)
     batch = run_recorded(todo, work, record_file=record_file, description=description, kept=kept_records, progress_label="Uncertainty",
-                         skip_bad=skip_bad, provenance_keys=("provenance", "target_provenance"))
+                         skip_bad=skip_bad, provenance_keys=("provenance", "target_provenance"), prefetch=prefetch)
     return {"output": str(out_dir), "model": str(seg.path), "model_chosen_by": seg.chosen_by, "target": target.name,
             "target_file": target.file_name, "mc_samples": mc.mc_samples, "vote": mc.vote, "percentiles": percentiles,
             "cases": batch.done, "written": [{"case": r["case"], "why": why[r["case"]]} for r in batch.done],
