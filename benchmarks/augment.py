@@ -1,6 +1,7 @@
 """SimCLR augmentation: cost per call and how often the two views of a patch are the same.
 
     python benchmarks/augment.py [--baseline PATH] [--threads 1] [--n 16] [--size 32] [--repeats 40] [--pairs 4000]
+        [--device cpu] [--strategies auto]
 
 ``--baseline`` also loads ``augment_view`` from another file (e.g. an older ``simclr.py`` written out with
 ``git show REV:ssl3d_cli/augment/simclr.py > /tmp/old.py``); both are measured the same way, their timed calls
@@ -8,12 +9,15 @@ interleaved so that a busy machine slows both alike. Reports one JSON line per i
 mean and minimum milliseconds of ``augment_view`` on ``--n`` patches of ``--size``^3 with the default augmentations,
 the share of views bit-identical to their input ("untouched"), and the share of positive pairs (view 1 and
 view 2 of one patch, drawn from one generator as pretraining does) that are bit-identical (and nearly so:
-max abs difference < 1e-3), over ``--pairs`` random 8^3 patches.
+max abs difference < 1e-3), over ``--pairs`` random 8^3 patches. ``--strategies auto,blend,subset`` measures the
+current implementation once per way of applying the drawn transforms (``augment_view(blend=...)``; auto is the
+device's default: blend off the CPU, subset on it); both give the same views.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import statistics
@@ -29,6 +33,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--pairs", type=int, default=4000)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--strategies", default="auto", help="comma-separated: auto, blend, subset")
     args = ap.parse_args()
 
     import torch
@@ -37,7 +42,9 @@ def main() -> None:
     from ssl3d_cli.config import DEFAULT_SIMCLR_AUGMENTATIONS as AUGS
 
     torch.set_num_threads(args.threads)
-    impls = {"ssl3d_cli.augment.simclr": augment_view}
+    blend = {"auto": None, "blend": True, "subset": False}
+    impls = {"ssl3d_cli.augment.simclr" + ("" if s == "auto" else f" ({s})"): functools.partial(augment_view, blend=blend[s])
+             for s in args.strategies.split(",")}
     if args.baseline:
         spec = importlib.util.spec_from_file_location("simclr_baseline", args.baseline)
         mod = importlib.util.module_from_spec(spec)

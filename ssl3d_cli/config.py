@@ -252,6 +252,7 @@ class MCConfig:
     union_classes: tuple[str, ...] = ()
     mc_batch: int = 0  # 0: chosen from free memory
     seed: int = 0
+    compile: str = "auto"  # torch.compile the sampler: auto (on CUDA) | on | off (inference.mc)
 
     def validate(self) -> MCConfig:
         if self.mc_samples < 0:
@@ -266,6 +267,8 @@ class MCConfig:
             raise ConfigError("--vote union needs --union-class NAME (e.g. --union-class tumour)")
         if self.mc_batch < 0:
             raise ConfigError(f"--mc-batch {self.mc_batch}: must be >= 0")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"--compile {self.compile!r}: choose auto, on or off")
         return self
 
     @property

@@ -11,7 +11,7 @@ one target: the same fields plus ``target`` (its classes; with the figure, its p
 Compared: the model file (SHA-256, not its path), the resolved MC settings (samples, dropout rates, vote rule, vote
 weights, union classes, seed), the tool version and the input files (resolved path, size, mtime; for a DICOM series
 folder the total size, newest mtime and count of its files and the series UID, :func:`ssl3d_cli.files.source_stat`). Recorded but not
-compared: ``mc_batch``, device and precision (how a case was computed, not what was asked for).
+compared: ``mc_batch``, ``compile``, device and precision (how a case was computed, not what was asked for).
 
 This module imports neither torch nor numpy.
 """
@@ -32,7 +32,7 @@ FORMAT = "ssl3d-prediction-provenance"
 SCHEMA_VERSION = 1
 SUFFIX = ".provenance.json"
 #: MC settings that change how a case is computed, not what: recorded, never a reason to recompute.
-EXECUTION_ONLY = ("mc_batch",)
+EXECUTION_ONLY = ("mc_batch", "compile")
 
 
 def file_sha256(path: Path | str, chunk_bytes: int = 1 << 20) -> str:

@@ -7,12 +7,14 @@ import torch.nn.functional as F
 
 from ssl3d_cli.augment.segmentation import augment_pair
 from ssl3d_cli.augment.simclr import (
+    PLANES,
     augment_view,
     colour_apply,
     cutout,
     draw_ops,
     gaussian_blur,
     rotate90,
+    rotate90_grid,
     rotate_arbitrary,
     sobel_magnitude,
     split_into_patches,
@@ -262,3 +264,54 @@ def test_segmentation_augmentation_keeps_image_and_label_aligned():
     fg = a[:, 0] > (lo + hi) / 2
     agree = (fg == (b > 0)).float().flatten(1).mean(1)
     assert (agree > 0.95).all(), agree
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 8), (1, 8, 8, 12), (1, 6, 10, 10)])
+@pytest.mark.parametrize("ops", [1, 2, 3])
+def test_blend_and_subset_strategies_give_identical_views(shape, ops):
+    """The synchronisation-free strategy (every transform on every sample, kept with torch.where: the GPU default) and
+    the subset one (chosen samples only: the CPU default) give the same views, bit for bit, from the same seed."""
+    x = torch.randn(24, *shape, generator=gen(31))
+    for seed in range(3):
+        a = augment_view(x, augmentations=ALL, gen=gen(seed), ops=ops, blend=True)
+        b = augment_view(x, augmentations=ALL, gen=gen(seed), ops=ops, blend=False)
+        assert torch.equal(a, b), (seed, (a - b).abs().max())
+        assert torch.equal(b, augment_view(x, augmentations=ALL, gen=gen(seed), ops=ops))  # CPU default: subset
+
+
+@pytest.mark.parametrize("shape", [(6, 6, 6), (6, 6, 10), (4, 6, 6)])
+def test_rotate90_grid_copies_exactly_what_rot90_gives(shape):
+    x = torch.randn(9, 2, *shape, generator=gen(4))
+    plane, turns = torch.arange(9) // 3, torch.arange(9) % 3 + 1
+    square = torch.tensor([shape[a - 2] == shape[b - 2] for a, b in PLANES])
+    turns = torch.where(square[plane], turns, 2)
+    out = rotate90_grid(x, plane, turns)
+    for i in range(9):
+        assert torch.equal(out[i], torch.rot90(x[i], int(turns[i]), tuple(d - 1 for d in PLANES[int(plane[i])]))), i
+
+
+@pytest.mark.parametrize("name", ["rotate", "colour", "blur", "noise", "sobel", "cutout"])
+@pytest.mark.parametrize("blend", [True, False])
+def test_no_parameter_draw_depends_on_the_selection(monkeypatch, name, blend):
+    """Whichever samples choose a transform, the generator ends in the same state and a chosen sample gets the same
+    result as when every sample chooses it: parameters are drawn for all samples, in a fixed order."""
+    import ssl3d_cli.augment.simclr as simclr
+
+    real = simclr.draw_ops
+    x = torch.randn(12, 1, 8, 8, 8, generator=gen(2))
+
+    def run(mask):
+        def fixed(n, augmentations, g, device, ops=2):
+            drawn = real(n, augmentations, g, device, ops)  # consumes the stream as usual, then the selection is replaced
+            return {k: mask for k in drawn}
+
+        monkeypatch.setattr(simclr, "draw_ops", fixed)
+        g = gen(8)
+        out = augment_view(x, augmentations=(name,), gen=g, blend=blend)
+        return out, g.get_state()
+
+    every, state = run(torch.ones(12, dtype=torch.bool))
+    for mask in (torch.zeros(12, dtype=torch.bool), torch.arange(12) % 3 == 0, torch.arange(12) >= 7):
+        out, after = run(mask)
+        assert torch.equal(after, state)  # the same number of draws
+        assert torch.equal(out[mask], every[mask]) and torch.equal(out[~mask], x[~mask])

@@ -5,6 +5,7 @@ round trips of real scans (identical predictions), folders with several series, 
 from __future__ import annotations
 
 import json
+import locale
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,19 @@ def write_dicom_series(folder: Path, volume: np.ndarray, *, uid: str, descriptio
     image.SetOrigin(origin)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    # GDCM's DICOM writer switches the process locale to "C" (seen with SimpleITK 2.5), after which open() without an
+    # encoding reads ASCII only: later tests in this process (torch.compile loads UTF-8 templates so) would fail
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(writer, image, folder, uid=uid, description=description, number=number, spacing=spacing, prefix=prefix,
+                      first_index=first_index)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    return folder
+
+
+def _write_slices(writer: sitk.ImageFileWriter, image: sitk.Image, folder: Path, *, uid: str, description: str, number: int,
+                  spacing: tuple[float, float, float], prefix: str, first_index: int) -> None:
     for k in range(image.GetDepth()):
         index = first_index + k
         position = image.TransformIndexToPhysicalPoint((0, 0, k))
@@ -51,7 +65,6 @@ def write_dicom_series(folder: Path, volume: np.ndarray, *, uid: str, descriptio
             piece.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"{prefix}{index:03d}.dcm"))
         writer.Execute(piece)
-    return folder
 
 
 def simpleitk_conversion(folder: Path, out: Path, uid: str = "") -> nib.Nifti1Image:

@@ -92,7 +92,7 @@ def test_pipelined_uncertainty_equals_sequential(scans, model_path, tmp_path, ct
 @pytest.mark.parametrize("skip_bad", [True, False])
 def test_bad_scan_in_the_middle_as_sequential(scans_bad_middle, model_path, tmp_path, skip_bad):
     outcomes = {}
-    for n in (0, 1):
+    for n in (0, 1, 2):  # 2: the bad scan is read in one thread while the next is read in another
         out = tmp_path / f"o{n}"
         try:
             res = predict([scans_bad_middle], output=out, model=model_path, mc=MCConfig(mc_samples=2), runtime=CPU, skip_bad=skip_bad,
@@ -104,7 +104,7 @@ def test_bad_scan_in_the_middle_as_sequential(scans_bad_middle, model_path, tmp_
         assert record["status"] == ("finished" if skip_bad else "stopped")
         outcomes[n] = (outcomes[n], record["written"], record["failed"], record["not_processed"])
         assert not list(out.glob("synthct_002*")) and not list(out.glob(".tmp-*"))
-    assert outcomes[1] == outcomes[0]
+    assert outcomes[1] == outcomes[0] == outcomes[2]
     if skip_bad:
         assert outcomes[0][0][0] == ["synthct_000", "synthct_001", "synthct_003"]
     else:

@@ -1,8 +1,16 @@
 """SimCLR augmentations for 3D patches, batched on the training device.
 
 Every call transforms a whole batch (N, C, d, h, w) with per-sample random parameters drawn from
-one ``torch.Generator``: no Python loop over patches (exact rotations are grouped by plane and turn
-count, at most 9 grouped calls). The same generator state gives the same views.
+one ``torch.Generator``: no Python loop over patches. The same generator state gives the same views.
+
+Random stream: which options each sample draws comes first, then every enabled transform, in the order
+transforms are applied (below), draws its parameters for *all* N samples, whether or not a sample chose it.
+So the stream never depends on the selection, and the two ways of applying a transform give the same views:
+- blend (the default off the CPU): compute the transform on every sample and keep it where chosen
+  (``torch.where``): a fixed number of kernel launches and no host synchronisation (no ``nonzero``, no
+  boolean-mask indexing, no data-dependent branch), so the CPU keeps queueing work ahead of the GPU;
+- subset (the default on the CPU): compute it on the chosen samples only (``index_select``/``index_copy``),
+  which saves the arithmetic where a synchronisation costs nothing.
 
 A view: each sample draws ``ops`` (default 2) *different* options uniformly at random from the enabled
 augmentations (``identity`` is one option like the others: a slot that draws it does nothing), and the
@@ -29,17 +37,20 @@ Parameter ranges (documented in the README):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 #: Version of how views are drawn; recorded in a pretraining run's config so --resume refuses a run begun under another.
-#: 1: identity vetoed the view with p 0.5 (ssl3d <= 0.1); 2: two options drawn per view, identity one of them.
-VIEW_POLICY = 2
+#: 1: identity vetoed the view with p 0.5 (ssl3d <= 0.1); 2: two options drawn per view, identity one of them;
+#: 3: every enabled transform draws its parameters for all samples (the stream no longer depends on the selection).
+VIEW_POLICY = 3
 ORDER = ("rotate", "colour", "blur", "noise", "sobel", "cutout")  # the order drawn transforms are applied in
 OPTIONS = ("identity", *ORDER)  # what a view's slots draw from (fixed order: the draw does not depend on how the list is spelled)
 PLANES = ((2, 3), (2, 4), (3, 4))  # (d,h), (d,w), (h,w)
+Params = dict[str, torch.Tensor]  # one transform's random parameters, first dimension the sample
 
 
 def _uniform(gen: torch.Generator, n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
@@ -50,11 +61,21 @@ def _bcast(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1, 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small float32 constant on ``device``, copied there once per process (a copy inside a step would synchronise).
+
+    Never modify the result: it is shared.
+    """
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def rotate90(x: torch.Tensor, chosen: torch.Tensor, plane: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Exact rotations: sample i (where chosen) is turned ``turns[i]`` x 90 degrees in plane ``plane[i]``.
 
     Planes are (d,h), (d,w), (h,w). A plane with unequal sides only allows 180 degrees (2 turns): odd turns there
-    would change the patch shape, and raise ValueError.
+    would change the patch shape, and raise ValueError. Groups samples by (plane, turns): up to 9 ``rot90`` calls,
+    each behind a host synchronisation (the subset strategy; :func:`rotate90_grid` is the synchronisation-free one).
     """
     out = x.clone()
     for p, dims in enumerate(PLANES):
@@ -67,6 +88,39 @@ def rotate90(x: torch.Tensor, chosen: torch.Tensor, plane: torch.Tensor, turns: 
                 raise ValueError(f"rotate90: a {k * 90} degree turn in plane {dims} of a {tuple(x.shape[2:])} patch changes its shape; use 2 turns")
             out[sel] = torch.rot90(x[sel], k, dims)
     return out
+
+
+def _turn_table() -> tuple:
+    """(9, 3, 3) nested tuple: row 3p + k - 1 maps an output voxel to the input voxel it reads under ``rot90(x, k, PLANES[p])``.
+
+    Coordinates about the centre, in affine_grid's order (w, h, d). ``rot90`` by one turn in tensor dims (a, b) reads
+    out[u_a, u_b] = x[u_b, -u_a]: input = R^k output with R = [[0, 1], [-1, 0]] on (a, b), cos/sin of k x 90 exact.
+    """
+    rows = []
+    for a, b in PLANES:
+        for k in (1, 2, 3):
+            c, s = (1, 0, -1, 0)[k % 4], (0, 1, 0, -1)[k % 4]
+            m = [[float(i == j) for j in range(3)] for i in range(3)]  # tensor axis order (d, h, w)
+            i, j = a - 2, b - 2
+            m[i][i], m[i][j], m[j][i], m[j][j] = c, s, -s, c
+            rows.append(tuple(tuple(r[::-1]) for r in m[::-1]))  # (d, h, w) -> (w, h, d) on both sides
+    return tuple(rows)
+
+
+def rotate90_grid(x: torch.Tensor, plane: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Every sample turned ``turns[i]`` (1-3) x 90 degrees in plane ``plane[i]``, bit for bit what ``torch.rot90`` gives.
+
+    One nearest-neighbour ``grid_sample`` with exact integer matrices: each output voxel centre lands on an input voxel
+    centre (up to rounding far below half a voxel), so values are copied, never interpolated. No host synchronisation.
+    Odd turns in a plane with unequal sides are not checked here (:func:`draw_rotation` never draws them).
+    """
+    n = x.shape[0]
+    table = _constant(_turn_table(), x.device)  # (9, 3, 3)
+    # (n, 3, 3); the same in normalised units: a quarter turn is drawn only in a square plane, a half turn is a negation
+    rot = table[plane * 3 + turns - 1]
+    theta = torch.cat([rot, rot.new_zeros(n, 3, 1)], dim=2)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)
 
 
 def _rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
@@ -88,41 +142,79 @@ def rotate_arbitrary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """
     rot = _rotation_matrices(angles.float())
     d, h, w = x.shape[2:]
-    half = torch.tensor([w, h, d], dtype=torch.float32, device=x.device)  # affine_grid's (x, y, z) = (w, h, d)
-    rot = rot * half[None, None, :] / half[None, :, None]  # (S^-1 R S)_ij = R_ij s_j / s_i
-    theta = torch.cat([rot, torch.zeros(x.shape[0], 3, 1, device=x.device)], dim=2)
+    half = (w, h, d)  # affine_grid's (x, y, z) = (w, h, d)
+    ratio = _constant(tuple(tuple(half[j] / half[i] for j in range(3)) for i in range(3)), x.device)
+    rot = rot * ratio  # (S^-1 R S)_ij = R_ij s_j / s_i
+    theta = torch.cat([rot, rot.new_zeros(x.shape[0], 3, 1)], dim=2)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def random_rotation(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Rotate every sample: half exact turns, half arbitrary angles (see the module docstring)."""
-    n, dev = x.shape[0], x.device
-    exact = torch.rand(n, generator=gen, device=dev) < 0.5
-    plane = torch.randint(0, 3, (n,), generator=gen, device=dev)
-    turns = torch.randint(1, 4, (n,), generator=gen, device=dev)
-    square = torch.tensor([x.shape[a] == x.shape[b] for a, b in PLANES], device=dev)
-    turns = torch.where(square[plane], turns, torch.full_like(turns, 2))
-    on_axis = torch.rand(n, 3, generator=gen, device=dev) < 0.5
-    forced = torch.randint(0, 3, (n,), generator=gen, device=dev)
-    on_axis = on_axis | (~on_axis.any(1, keepdim=True) & F.one_hot(forced, 3).bool())  # at least one axis turns
-    angles = _uniform(gen, 3 * n, -math.pi / 6, math.pi / 6, dev).view(n, 3) * on_axis
-    out = rotate90(x, exact, plane, turns)
+def draw_rotation(shape: torch.Size, gen: torch.Generator, device: torch.device) -> Params:
+    """Rotation parameters of every sample of a batch of ``shape`` (N, C, d, h, w) (see the module docstring).
+
+    Returns exact (N,) bool (an exact turn, else arbitrary angles), plane (N,) and turns (N,) int64 of the exact turn,
+    angles (N, 3) radians of the arbitrary one (zero about the axes that do not turn).
+    """
+    n = shape[0]
+    exact = torch.rand(n, generator=gen, device=device) < 0.5
+    plane = torch.randint(0, 3, (n,), generator=gen, device=device)
+    turns = torch.randint(1, 4, (n,), generator=gen, device=device)
+    unequal = torch.zeros(n, dtype=torch.bool, device=device)
+    for p, (a, b) in enumerate(PLANES):  # the shape is known here: no device lookup table, no copy to the device
+        if shape[a] != shape[b]:
+            unequal |= plane == p
+    turns = torch.where(unequal, 2, turns)  # a quarter turn would change the shape there
+    on_axis = torch.rand(n, 3, generator=gen, device=device) < 0.5
+    forced = torch.randint(0, 3, (n,), generator=gen, device=device)
+    first = forced[:, None] == torch.arange(3, device=device)  # one-hot, without one_hot's range check
+    on_axis = on_axis | (~on_axis.any(1, keepdim=True) & first)  # at least one axis turns
+    angles = _uniform(gen, 3 * n, -math.pi / 6, math.pi / 6, device).view(n, 3) * on_axis
+    return {"exact": exact, "plane": plane, "turns": turns, "angles": angles}
+
+
+def apply_rotation(x: torch.Tensor, params: Params, *, blend: bool) -> torch.Tensor:
+    """Rotate sample i of x (N, C, d, h, w) by row i of ``params`` (:func:`draw_rotation`).
+
+    blend: both kinds on every sample, kept per sample with ``torch.where`` (no synchronisation); else exact turns with
+    ``rot90`` on their groups and arbitrary angles on the other samples only. Same values either way.
+    """
+    exact = params["exact"]
+    if blend:
+        turned = rotate90_grid(x, params["plane"], params["turns"])
+        return torch.where(_bcast(exact), turned, rotate_arbitrary(x, params["angles"]))
+    out = rotate90(x, exact, params["plane"], params["turns"])
     free = (~exact).nonzero().squeeze(1)
     if free.numel():
-        out[free] = rotate_arbitrary(x[free], angles[free])
+        out.index_copy_(0, free, rotate_arbitrary(x.index_select(0, free), params["angles"].index_select(0, free)))
     return out
+
+
+def random_rotation(x: torch.Tensor, gen: torch.Generator, *, blend: bool = False) -> torch.Tensor:
+    """Rotate every sample: half exact turns, half arbitrary angles (see the module docstring)."""
+    return apply_rotation(x, draw_rotation(x.shape, gen, x.device), blend=blend)
+
+
+def draw_colour(n: int, gen: torch.Generator, device: torch.device) -> Params:
+    """Colour parameters of n samples: bright (N,) in units of the sample's std, contrast (N,), gamma (N,), order (N, 3)."""
+    bright = _uniform(gen, n, -0.4, 0.4, device)
+    contrast = _uniform(gen, n, 0.6, 1.4, device)
+    gamma = _uniform(gen, n, 0.7, 1.5, device)
+    order = torch.argsort(torch.rand(n, 3, generator=gen, device=device), dim=1)  # a random permutation per sample
+    return {"bright": bright, "contrast": contrast, "gamma": gamma, "order": order}
+
+
+def apply_colour(x: torch.Tensor, params: Params) -> torch.Tensor:
+    """Colour distortion of x (N, C, d, h, w) with :func:`draw_colour`'s parameters; the brightness shift scales with each sample's std."""
+    std = x.std(dim=tuple(range(1, x.ndim)), keepdim=True).clamp_min(1e-6)
+    bright = _bcast(params["bright"]) * std
+    as_x = {k: _bcast(params[k]).to(x.dtype) for k in ("contrast", "gamma")}
+    return colour_apply(x, bright.to(x.dtype), as_x["contrast"], as_x["gamma"], params["order"])
 
 
 def colour_distort(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Brightness, contrast and gamma in a random order per sample (parameters in the module docstring)."""
-    n, dev = x.shape[0], x.device
-    std = x.std(dim=tuple(range(1, x.ndim)), keepdim=True).clamp_min(1e-6)
-    bright = _bcast(_uniform(gen, n, -0.4, 0.4, dev)) * std
-    contrast = _bcast(_uniform(gen, n, 0.6, 1.4, dev))
-    gamma = _bcast(_uniform(gen, n, 0.7, 1.5, dev))
-    order = torch.argsort(torch.rand(n, 3, generator=gen, device=dev), dim=1)  # a random permutation per sample
-    return colour_apply(x, bright.to(x.dtype), contrast.to(x.dtype), gamma.to(x.dtype), order)
+    return apply_colour(x, draw_colour(x.shape[0], gen, x.device))
 
 
 def colour_apply(x: torch.Tensor, bright: torch.Tensor, contrast: torch.Tensor, gamma: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -190,20 +282,47 @@ def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
     return ((mag - mean) / (std + 1e-6)).to(x.dtype)
 
 
-def cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Set one random box per sample (side 20-50 % of the patch) to the sample mean."""
+def draw_cutout(shape: torch.Size, gen: torch.Generator, device: torch.device) -> Params:
+    """Cutout boxes of every sample of a batch of ``shape`` (N, C, d, h, w): start (N, 3) and stop (N, 3) voxel indices."""
+    n = shape[0]
+    starts, stops = [], []
+    for size in shape[2:]:
+        side = (_uniform(gen, n, 0.2, 0.5, device) * size).long().clamp_min(1)
+        start = (torch.rand(n, generator=gen, device=device) * (size - side + 1).float()).long()
+        starts.append(start)
+        stops.append(start + side)
+    return {"start": torch.stack(starts, 1), "stop": torch.stack(stops, 1)}
+
+
+def apply_cutout(x: torch.Tensor, params: Params) -> torch.Tensor:
+    """Set the box [start, stop) of each sample of x (N, C, d, h, w) to the sample mean."""
     n, dev = x.shape[0], x.device
     mask = torch.ones(n, 1, 1, 1, 1, dtype=torch.bool, device=dev)
     for axis, size in enumerate(x.shape[2:]):
-        side = (_uniform(gen, n, 0.2, 0.5, dev) * size).long().clamp_min(1)
-        start = (torch.rand(n, generator=gen, device=dev) * (size - side + 1).float()).long()
         pos = torch.arange(size, device=dev)
-        inside = (pos[None] >= start[:, None]) & (pos[None] < (start + side)[:, None])  # (N, size)
+        inside = (pos[None] >= params["start"][:, axis, None]) & (pos[None] < params["stop"][:, axis, None])  # (N, size)
         shape = [n, 1, 1, 1, 1]
         shape[2 + axis] = size
         mask = mask & inside.view(shape)
     mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
     return torch.where(mask, mean, x)
+
+
+def cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Set one random box per sample (side 20-50 % of the patch) to the sample mean."""
+    return apply_cutout(x, draw_cutout(x.shape, gen, x.device))
+
+
+def draw_noise(shape: torch.Size, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> Params:
+    """Noise of every sample of a batch of ``shape``: sigma (N,) in units of the sample's std, field (N, C, d, h, w) N(0, 1)."""
+    sigma = _uniform(gen, shape[0], 0.0, 0.2, device)
+    return {"sigma": sigma, "field": torch.randn(shape, generator=gen, device=device, dtype=dtype)}
+
+
+def apply_noise(x: torch.Tensor, params: Params) -> torch.Tensor:
+    """x (N, C, d, h, w) plus its noise field times sigma x the sample's std."""
+    std = x.std(dim=tuple(range(1, x.ndim)), keepdim=True)
+    return x + _bcast(params["sigma"]) * std * params["field"]
 
 
 def draw_ops(n: int, augmentations: tuple[str, ...], gen: torch.Generator, device: torch.device, ops: int = 2) -> dict[str, torch.Tensor]:
@@ -223,40 +342,64 @@ def draw_ops(n: int, augmentations: tuple[str, ...], gen: torch.Generator, devic
     return {name: drawn[:, i] for i, name in enumerate(options)}
 
 
-def augment_view(x: torch.Tensor, *, augmentations: tuple[str, ...], gen: torch.Generator, ops: int = 2) -> torch.Tensor:
+def draw_params(name: str, x: torch.Tensor, gen: torch.Generator) -> Params:
+    """Random parameters of transform ``name`` for every sample of x (N, C, d, h, w); {} for those without any."""
+    n, dev = x.shape[0], x.device
+    if name == "rotate":
+        return draw_rotation(x.shape, gen, dev)
+    if name == "colour":
+        return draw_colour(n, gen, dev)
+    if name == "blur":
+        return {"sigma": _uniform(gen, n, 0.5, 1.5, dev)}
+    if name == "noise":
+        return draw_noise(x.shape, gen, dev, x.dtype)
+    if name == "cutout":
+        return draw_cutout(x.shape, gen, dev)
+    return {}
+
+
+def apply_transform(name: str, x: torch.Tensor, params: Params, *, blend: bool) -> torch.Tensor:
+    """Transform ``name`` of x (N, C, d, h, w), sample i with row i of ``params``; same shape and dtype."""
+    if name == "rotate":
+        return apply_rotation(x, params, blend=blend)
+    if name == "colour":
+        return apply_colour(x, params)
+    if name == "blur":
+        return gaussian_blur(x, params["sigma"])
+    if name == "noise":
+        return apply_noise(x, params)
+    if name == "sobel":
+        return sobel_magnitude(x)
+    return apply_cutout(x, params)
+
+
+def augment_view(x: torch.Tensor, *, augmentations: tuple[str, ...], gen: torch.Generator, ops: int = 2,
+                 blend: bool | None = None) -> torch.Tensor:
     """One random composite augmentation per sample of x (N, C, d, h, w); same shape, dtype, device.
 
     Each sample draws ``ops`` different options from ``augmentations`` (identity among them); see the module docstring.
+    ``blend``: apply each transform to every sample and keep it where chosen (no host synchronisation: the default off
+    the CPU), or False to compute it on the chosen samples only (the default on the CPU). Both give the same views.
     """
-    n, dev = x.shape[0], x.device
-    drawn = draw_ops(n, augmentations, gen, dev, ops)
+    if blend is None:
+        blend = x.device.type != "cpu"
+    drawn = draw_ops(x.shape[0], augmentations, gen, x.device, ops)
     out = x
     for name in ORDER:
         if name not in drawn:
             continue
-        # compute the transform on the chosen samples only
-        sel = drawn[name].nonzero().squeeze(1)
+        params = draw_params(name, x, gen)  # for every sample, chosen or not: the stream does not depend on the selection
+        chosen = drawn[name]
+        if blend:
+            out = torch.where(_bcast(chosen), apply_transform(name, out, params, blend=True), out)  # a new tensor: x is never written
+            continue
+        sel = chosen.nonzero().squeeze(1)
         if sel.numel() == 0:
             continue
-        sub = out[sel]
-        m = sel.numel()
-        if name == "rotate":
-            new = random_rotation(sub, gen)
-        elif name == "colour":
-            new = colour_distort(sub, gen)
-        elif name == "blur":
-            new = gaussian_blur(sub, _uniform(gen, m, 0.5, 1.5, dev))
-        elif name == "noise":
-            std = sub.std(dim=tuple(range(1, sub.ndim)), keepdim=True)
-            sigma = _bcast(_uniform(gen, m, 0.0, 0.2, dev)) * std
-            new = sub + sigma * torch.randn(sub.shape, generator=gen, device=dev, dtype=sub.dtype)
-        elif name == "sobel":
-            new = sobel_magnitude(sub)
-        else:
-            new = cutout(sub, gen)
+        new = apply_transform(name, out.index_select(0, sel), {k: v.index_select(0, sel) for k, v in params.items()}, blend=False)
         if out is x:  # never write into the caller's tensor
             out = x.clone()
-        out[sel] = new
+        out.index_copy_(0, sel, new)
     return out
 
 

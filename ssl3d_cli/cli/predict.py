@@ -45,11 +45,13 @@ DropEncOpt = Annotated[float | None, typer.Option("--dropout-encoder", help="Enc
 DropDecOpt = Annotated[float | None, typer.Option("--dropout-decoder", help="Decoder dropout rate while sampling (default: the model's "
                                                   "training rate).")]
 McBatchOpt = Annotated[int, typer.Option("--mc-batch", help="Samples per forward batch (0: chosen from free memory).")]
+CompileOpt = Annotated[str, typer.Option("--compile", help="torch.compile the MC sampler: auto (on CUDA), on, off. Same dropout "
+                                         "masks either way; compiling costs time once per process and batch shape.")]
 ShardOpt = Annotated[str | None, typer.Option("--shard", help="I/N: every N-th input from I (array jobs).")]
 SplitOpt = Annotated[str | None, typer.Option("--split", help="'test': the held-out test cases of the model's fine-tuning run.")]
-PrefetchOpt = Annotated[int, typer.Option("--prefetch", help="Cases read and preprocessed ahead in a background thread while "
-                                          "the current one is sampled, its files written behind in another (0: one case after the "
-                                          "other). Outputs are the same either way.")]
+PrefetchOpt = Annotated[int, typer.Option("--prefetch", help="Cases read and preprocessed ahead, each in its own background "
+                                          "thread, while the current one is sampled; its files are written behind in another (0: one "
+                                          "case after the other; 2 suits a GPU node with many cores). Outputs are the same either way.")]
 SeriesOpt = Annotated[str | None, typer.Option("--series", help="SeriesInstanceUID: read only this series of a DICOM folder (default: "
                                               "each series of a folder is its own case, named <folder>_<number>_<description>).")]
 
@@ -67,6 +69,7 @@ def command(
     dropout_encoder: DropEncOpt = None,
     dropout_decoder: DropDecOpt = None,
     mc_batch: McBatchOpt = 0,
+    compile_mode: CompileOpt = "auto",
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities/--no-save-probabilities",
                                                     help="Also write mean class probabilities (4D NIfTI, classes on the "
                                                          "4th axis, their order in <case>.provenance.json).")] = False,
@@ -92,7 +95,7 @@ def command(
 
         mc = MCConfig(mc_samples=mc_samples, dropout_encoder=dropout_encoder, dropout_decoder=dropout_decoder, vote=vote,
                       vote_weights=parse_float_list(vote_weights, option="--vote-weights") if vote_weights else (),
-                      union_classes=tuple(union_class or ()), mc_batch=mc_batch, seed=seed)
+                      union_classes=tuple(union_class or ()), mc_batch=mc_batch, seed=seed, compile=compile_mode)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed)
         return predict(inputs, output=output, model=model, mc=mc, runtime=runtime, overwrite=overwrite, shard=shard, split=split,
                        save_probabilities=save_probabilities, skip_bad=skip_bad, series=series, prefetch=prefetch)

@@ -22,7 +22,7 @@ from ssl3d_cli.cli.common import (
     raise_if_cases_failed,
     run_stage,
 )
-from ssl3d_cli.cli.predict import DropDecOpt, DropEncOpt, McBatchOpt, ModelOpt, PrefetchOpt, SeriesOpt, ShardOpt, SplitOpt
+from ssl3d_cli.cli.predict import CompileOpt, DropDecOpt, DropEncOpt, McBatchOpt, ModelOpt, PrefetchOpt, SeriesOpt, ShardOpt, SplitOpt
 
 NAME = "uncertainty"
 HELP = ("Per-voxel percentile heat maps (5th/50th/95th) over MC-dropout samples of the probability of a class (or classes, "
@@ -60,6 +60,7 @@ def command(
     dropout_encoder: DropEncOpt = None,
     dropout_decoder: DropDecOpt = None,
     mc_batch: McBatchOpt = 0,
+    compile_mode: CompileOpt = "auto",
     shard: ShardOpt = None,
     split: SplitOpt = None,
     series: SeriesOpt = None,
@@ -82,7 +83,7 @@ def command(
 
         mc = MCConfig(mc_samples=mc_samples, dropout_encoder=dropout_encoder, dropout_decoder=dropout_decoder, vote=vote,
                       vote_weights=parse_float_list(vote_weights, option="--vote-weights") if vote_weights else (),
-                      union_classes=tuple(union_class or ()), mc_batch=mc_batch, seed=seed)
+                      union_classes=tuple(union_class or ()), mc_batch=mc_batch, seed=seed, compile=compile_mode)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed)
         return uncertainty(inputs, output=output, model=model, mc=mc, runtime=runtime, classes=list(class_ or []),
                            percentiles=list(parse_float_list(percentiles, option="--percentiles")), label=label, figure=figure,

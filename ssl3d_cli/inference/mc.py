@@ -4,16 +4,34 @@ The model stays in eval mode (normalisation layers in inference mode); exactly t
 ``LevelDropout`` modules with p > 0 are put in training mode. The part of the network before the
 first active dropout is computed once per scan (``deterministic_prefix``) and every sample batch
 continues from it, so N samples cost far less than N full passes.
+
+``compile`` (``--compile``): the sampled part of the network and the softmax can run through ``torch.compile``
+(``auto``: on CUDA; ``on``: on any device; ``off``: never). Inductor then fuses the normalisation, activation, dropout
+and concatenation passes between the convolutions, which at 128^3 are memory-bound. Inductor is told to draw dropout
+masks with torch's own random ops (``fallback_random``), so a compiled run draws the same masks as an eager one from
+the same seed and batch sizes; what differs is float rounding in fused kernels. Compiling costs time once per process
+and batch shape (see the README's benchmark table); a failure to compile falls back to eager sampling with one
+warning under ``auto`` and is an error under ``on``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+import weakref
 from collections.abc import Callable
 
 import torch
 
-from ssl3d_cli.models.unet import LevelDropout, UNet, deterministic_prefix, sample_from_prefix
+from ssl3d_cli.errors import ConfigError
+from ssl3d_cli.models.unet import LevelDropout, Prefix, UNet, deterministic_prefix, sample_from_prefix
+from ssl3d_cli.runtime.device import is_out_of_memory
+
+log = logging.getLogger("ssl3d")
+
+#: ``--compile`` choices.
+COMPILE_MODES = ("auto", "on", "off")
 
 
 def set_mc_mode(model: UNet, *, sampling: bool, encoder: float | None = None, decoder: float | None = None) -> None:
@@ -52,6 +70,76 @@ def auto_mc_batch(model: UNet, spatial: tuple[int, int, int], device: torch.devi
     return int(max(1, min(n_samples, (_available_bytes(device) // 2) // max(per_sample, 1), 16)))
 
 
+def compile_wanted(mode: str, device: torch.device) -> bool:
+    """Whether ``--compile MODE`` compiles the sampler on ``device`` (``auto``: on CUDA only, where it pays).
+
+    Raises:
+        ConfigError: an unknown mode.
+    """
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile {mode!r}: choose auto, on or off")
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def probabilities_from_prefix(model: UNet, prefix: Prefix, n: int) -> torch.Tensor:
+    """Softmax probabilities (n, num_classes, D, H, W) float32 of ``n`` dropout-sampled passes continued from ``prefix``."""
+    return torch.softmax(sample_from_prefix(model, prefix, n).float(), dim=1)
+
+
+class CompiledSampler:
+    """:func:`probabilities_from_prefix` through ``torch.compile``, with the eager function as the fallback.
+
+    One per model (:func:`compiled_sampler`): compiled code is kept across scans, so a cohort at a fixed grid (the
+    paper's 128^3) compiles once per batch shape. ``strict``: a compile failure raises instead of falling back.
+    """
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.failed = False
+        self.compile_seconds = 0.0
+        self._shapes: set[tuple[int, ...]] = set()
+        self._fn = torch.compile(probabilities_from_prefix, dynamic=False)
+
+    def __call__(self, model: UNet, prefix: Prefix, n: int) -> torch.Tensor:
+        if self.failed:
+            return probabilities_from_prefix(model, prefix, n)
+        import torch._inductor.config as inductor_config
+
+        shape = (n, *prefix.pre.shape[1:])
+        first = shape not in self._shapes
+        t0 = time.perf_counter()
+        try:
+            with inductor_config.patch(fallback_random=True):  # eager's dropout masks (see the module docstring)
+                probs = self._fn(model, prefix, n)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure has the same remedy: run eagerly
+            if is_out_of_memory(exc):
+                raise
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            if self.strict:
+                raise ConfigError(f"--compile on: torch.compile failed on {prefix.pre.device} ({reason}); use --compile off") from None
+            log.warning("torch.compile failed (%s); sampling without it (--compile off avoids the attempt)", reason)
+            self.failed = True
+            return probabilities_from_prefix(model, prefix, n)
+        if first:
+            self._shapes.add(shape)
+            if prefix.pre.device.type == "cuda":
+                torch.cuda.synchronize(prefix.pre.device)
+            self.compile_seconds += time.perf_counter() - t0
+            log.info("compiled the MC sampler for batch shape %s in %.1f s", shape, time.perf_counter() - t0)
+        return probs
+
+
+_SAMPLERS: weakref.WeakKeyDictionary[UNet, CompiledSampler] = weakref.WeakKeyDictionary()
+
+
+def compiled_sampler(model: UNet, *, strict: bool = False) -> CompiledSampler:
+    """The model's :class:`CompiledSampler` (made on first use, kept as long as the model lives)."""
+    sampler = _SAMPLERS.get(model)
+    if sampler is None or sampler.strict != strict:
+        sampler = _SAMPLERS[model] = CompiledSampler(strict)
+    return sampler
+
+
 @torch.no_grad()
 def sample_probabilities(
     model: UNet,
@@ -63,12 +151,14 @@ def sample_probabilities(
     seed: int = 0,
     dropout_encoder: float | None = None,
     dropout_decoder: float | None = None,
+    compile: str = "off",
     consume: Callable[[torch.Tensor], None],
 ) -> int:
     """Run the deterministic pass (mc_samples <= 1) or N dropout samples and hand each batch to ``consume``.
 
     Args:
         image: (1, C, D, H, W) on the model's device.
+        compile: ``auto`` | ``on`` | ``off``: whether the sampled passes run through ``torch.compile`` (module docstring).
         consume: called with softmax probabilities (n, num_classes, D, H, W) float32, batch by batch.
     Returns:
         The number of samples produced.
@@ -85,6 +175,7 @@ def sample_probabilities(
         return 1
     set_mc_mode(model, sampling=True, encoder=dropout_encoder, decoder=dropout_decoder)
     batch = mc_batch or auto_mc_batch(model, tuple(image.shape[2:]), device, mc_samples)
+    probabilities = compiled_sampler(model, strict=compile == "on") if compile_wanted(compile, device) else probabilities_from_prefix
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -94,8 +185,8 @@ def sample_probabilities(
         while done < mc_samples:
             n = min(batch, mc_samples - done)
             with ctx():
-                logits = sample_from_prefix(model, prefix, n)
-            consume(torch.softmax(logits.float(), dim=1))
+                probs = probabilities(model, prefix, n)
+            consume(probs)
             done += n
     set_mc_mode(model, sampling=False)
     return mc_samples

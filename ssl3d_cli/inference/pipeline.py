@@ -170,7 +170,8 @@ def accumulate(seg: Segmenter, image: torch.Tensor, mc: MCConfig, *, track_entro
             extra(probs)
 
     sample_probabilities(seg.model, image, mc_samples=mc.mc_samples, mc_batch=mc.mc_batch, autocast=seg.precision.autocast,
-                         seed=mc.seed, dropout_encoder=mc.dropout_encoder, dropout_decoder=mc.dropout_decoder, consume=consume)
+                         seed=mc.seed, dropout_encoder=mc.dropout_encoder, dropout_decoder=mc.dropout_decoder, compile=mc.compile,
+                         consume=consume)
     return acc
 
 

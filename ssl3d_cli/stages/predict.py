@@ -202,8 +202,8 @@ def run_cases(cases: list[CaseSpec], work: Callable[[CaseSpec], dict[str, Any]],
     batch with the same error, its message counting the cases left unprocessed and naming ``--skip-bad``; with
     ``skip_bad`` the case is listed in ``failed`` (and logged) and the batch goes on.
 
-    With ``prefetch`` > 0 and a :class:`StagedWork`, the stages overlap: one background thread prepares (reads and
-    preprocesses) up to ``prefetch`` cases ahead of the one being computed, and another writes the previous case's
+    With ``prefetch`` > 0 and a :class:`StagedWork`, the stages overlap: ``prefetch`` background threads prepare (read and
+    preprocess) up to ``prefetch`` cases ahead of the one being computed, and another thread writes the previous case's
     files meanwhile (at most one case's writes in flight). Cases still finish, fail, are recorded (``on_case``) and
     advance the bar in order, with the same messages as the sequential run; a case counts as done once it is written.
     On Ctrl-C or a :class:`StopRequested` the write in flight finishes (it is listed as done) and nothing else starts.
@@ -258,7 +258,9 @@ def _run_pipelined(cases: list[CaseSpec], work: StagedWork, prefetch: int,
     """:func:`run_cases`' overlapped loop: prepare ahead in one thread, compute here, write behind in another."""
     from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-    readers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssl3d-prefetch")
+    # one reader per case ahead: reading (gzip) and preprocessing release the GIL, so two scans prepare in about the
+    # time of one on a many-core node; results are still taken in order
+    readers = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="ssl3d-prefetch")
     writers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ssl3d-write")
     prepared: dict[int, Future] = {}
     writing: tuple[int, CaseSpec, Future] | None = None
@@ -274,7 +276,7 @@ def _run_pipelined(cases: list[CaseSpec], work: StagedWork, prefetch: int,
 
     try:
         for i, case in enumerate(cases):
-            for j in range(i, min(i + prefetch + 1, len(cases))):  # one worker: submitted in order, run in order
+            for j in range(i, min(i + prefetch + 1, len(cases))):  # submitted in order; taken in order below
                 if j not in prepared:
                     prepared[j] = readers.submit(work.prepare, cases[j])
             try:
@@ -573,8 +575,8 @@ def predict(
         split: ``"test"``: the held-out test cases of the model's fine-tuning run (inputs = the dataset).
         skip_bad: continue past cases that fail (listed in ``failed``); the CLI then exits 4.
         series: a SeriesInstanceUID: read only that series of each DICOM folder (default: every series, one case each).
-        prefetch: cases read and preprocessed ahead in a background thread while the current one is sampled, its
-            files written behind in another (0: one case after the other). Outputs are the same either way.
+        prefetch: cases read and preprocessed ahead, each in its own background thread, while the current one is sampled,
+            its files written behind in another (0: one case after the other). Outputs are the same either way.
 
     Returns:
         ``predicted`` / ``written`` (with why), ``skipped_existing`` / ``kept``, ``failed`` (case, error), the records.

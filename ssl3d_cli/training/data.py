@@ -1,6 +1,9 @@
-"""Training items read from the preprocessed cache (memory-mapped, copied out per item)."""
+"""Training items read from the preprocessed cache (memory-mapped, copied out per item), and their way to the device."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,3 +31,55 @@ class CacheCases(Dataset):
         if not self.labels:
             return image
         return image, torch.from_numpy(self.cache.label(case_id))
+
+
+Batch = Any  # a tensor, or a tuple/list of tensors (what the DataLoader collates)
+
+
+def batch_to_device(batch: Batch, device: torch.device) -> Batch:
+    """Every tensor of ``batch`` on ``device``, copied asynchronously (the loader pins memory for CUDA)."""
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(b.to(device, non_blocking=True) for b in batch)
+    return batch.to(device, non_blocking=True)
+
+
+def _tensors(batch: Batch) -> list[torch.Tensor]:
+    return list(batch) if isinstance(batch, (tuple, list)) else [batch]
+
+
+class DevicePrefetcher:
+    """Batches of an iterable on ``device``, the next one copied while the current step runs.
+
+    On CUDA the copy of batch i+1 is queued on a side stream as soon as batch i is handed out, so the host-to-device
+    transfer (from pinned memory) overlaps step i instead of opening step i+1; the compute stream waits for that copy
+    before it uses the batch, and ``record_stream`` tells the caching allocator the batch is used there (its memory
+    is not handed out again while step i+1 may still read it). Elsewhere batches are passed through ``.to(device)``.
+    Order and content are those of the iterable; one batch is read ahead.
+    """
+
+    def __init__(self, batches: Iterable[Batch], device: torch.device) -> None:
+        self.batches, self.device = batches, device
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.device.type != "cuda":
+            for batch in self.batches:
+                yield batch_to_device(batch, self.device)
+            return
+        stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        source = iter(self.batches)
+
+        def copy_next() -> Batch | None:
+            batch = next(source, None)
+            if batch is None:
+                return None
+            with torch.cuda.stream(stream):
+                return batch_to_device(batch, self.device)
+
+        upcoming = copy_next()
+        while upcoming is not None:
+            compute.wait_stream(stream)  # queued on the GPU: the host does not wait
+            for t in _tensors(upcoming):
+                t.record_stream(compute)
+            current, upcoming = upcoming, copy_next()
+            yield current

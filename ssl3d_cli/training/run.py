@@ -6,6 +6,10 @@ compatibility checks, the signal guard, DDP wrapping, the epoch/step iteration i
 only its :class:`Recipe`: the model, the loss of one step, what happens when an epoch starts and
 ends (unfreezing, validation, best model) and the artefact it writes at each checkpoint.
 
+Data path: DataLoader workers (kept across epochs) read and pin the batches, :class:`DevicePrefetcher` copies batch
+i+1 to the device while step i runs, and the step figures stay on the device until the epoch ends
+(:class:`StepMetrics`): inside an epoch the loop never waits for the GPU, except where a recipe's step does.
+
 Determinism: the batch order of epoch e is a function of (seed, e), the augmentation generator of
 step s of epoch e is seeded from (seed, e, s, rank), and every rank's global RNG state (dropout) is
 saved in ``last.pt``; so a run resumed from any saved step ends with the same weights as an
@@ -54,6 +58,7 @@ from ssl3d_cli.runtime.distributed import (
     is_main_process,
     world_size,
 )
+from ssl3d_cli.training.data import DevicePrefetcher
 from ssl3d_cli.training.sampling import EpochBatches, step_generator, warmup_cosine
 
 log = logging.getLogger("ssl3d")
@@ -307,10 +312,46 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
     atomic_write_bytes(path, "".join(f"{ln}\n" for ln in kept).encode())
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(b.to(device, non_blocking=True) for b in batch)
-    return batch.to(device, non_blocking=True)
+class StepMetrics:
+    """The epoch's running sums of the step figures (loss and the recipe's), kept on the device.
+
+    ``add`` only queues additions: converting each step's figures to Python floats would make the host wait for the
+    GPU at every step. ``floats`` converts once (mean over ranks, then to the host); call it on every rank together.
+    Sums are float64 (float32 on MPS, which has no float64): a Python float accumulation of float32 figures, as the
+    loop kept before, gives the same values, so a run resumed mid-epoch logs what an uninterrupted one does.
+    ``base`` holds plain floats carried over from ``last.pt`` (``{"loss": sum, ..., "n": steps}``).
+    """
+
+    def __init__(self, device: torch.device, base: dict[str, float] | None = None) -> None:
+        self.device = device
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.base: dict[str, float] = dict(base or {"loss": 0.0, "n": 0})
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        """Add one step's figures (scalar tensors on the device); no host synchronisation."""
+        for name, value in values.items():
+            value = value.detach().to(self.dtype)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.steps += 1
+
+    def floats(self) -> dict[str, float]:
+        """Sums so far as plain floats (``base`` included) and ``n`` the step count: what ``last.pt`` stores.
+
+        Synchronises with the device, and under torch.distributed all-reduces (the same names, in the same order, on
+        every rank: all ranks run the same steps). The mean over ranks of the sums is the sum of the per-step means.
+        """
+        out = dict(self.base)
+        for name, total in self.sums.items():
+            out[name] = out.get(name, 0.0) + float(all_reduce_mean(total))
+        out["n"] = self.base.get("n", 0) + self.steps
+        return out
+
+    def means(self) -> dict[str, float]:
+        """Epoch means of every figure (sums / steps)."""
+        totals = self.floats()
+        return {k: v / max(totals["n"], 1) for k, v in totals.items() if k != "n"}
 
 
 class TrainingRun:
@@ -400,11 +441,11 @@ class TrainingRun:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, schedule.warmup_epochs * batches.steps))
         scaler = torch.amp.GradScaler(device.type, enabled=self.precision.needs_scaler)
         opt = (optimizer, scheduler, scaler)
-        start_epoch, start_step, accum = 0, 0, {"loss": 0.0, "n": 0}
+        start_epoch, start_step, carried = 0, 0, None
         if self.resume:
             state = self._restore_state(model, opt)
             start_epoch, start_step = state["epoch"], state["step"]
-            accum = state["extra"]["accum"]
+            carried = state["extra"]["accum"]  # plain floats: the sums of the epoch's steps done before the stop
             recipe.state.update({k: v for k, v in state["extra"].items() if k != "accum"})
             log.info("Resuming %s at epoch %d step %d", self.dir, start_epoch + 1, start_step)
             if dist.is_main:
@@ -416,8 +457,12 @@ class TrainingRun:
         wrapped = wrap_ddp(model, device)
         # the loader draws its workers' base seed from its own generator, not the global RNG: a draw from the global
         # state at each epoch's iterator would shift every later dropout mask after a mid-epoch resume
+        # persistent workers: an epoch of a small dataset is a few steps, and re-spawning the workers each epoch stalls it
+        # (the batch sampler runs in this process, so set_epoch still reaches it)
         loader = DataLoader(recipe.dataset, batch_sampler=batches, num_workers=schedule.workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_stop_signals)
+                            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_stop_signals,
+                            persistent_workers=schedule.workers > 0)
+        prefetched = DevicePrefetcher(loader, device)  # batch i+1 is copied to the device while step i runs
         metrics: dict[str, Any] = {}
         wrapped.train()
         with SignalGuard() as guard, progress.task(recipe.description, total=schedule.epochs) as bar:
@@ -426,24 +471,21 @@ class TrainingRun:
                 if recipe.epoch_start(epoch):
                     wrapped = wrap_ddp(model, device)  # DDP must see the newly trainable parameters
                 batches.set_epoch(epoch, start_step)
-                t_epoch, steps = time.perf_counter(), 0
-                for offset, batch in enumerate(loader):
+                t_epoch, sums = time.perf_counter(), StepMetrics(device, carried)
+                carried = None
+                for offset, batch in enumerate(prefetched):
                     step = start_step + offset
-                    compute = partial(recipe.step, wrapped, _to_device(batch, device), step_generator(device, self.seed, epoch, step, dist.rank))
+                    compute = partial(recipe.step, wrapped, batch, step_generator(device, self.seed, epoch, step, dist.rank))
                     loss, stats = optimisation_step(compute, optimizer=optimizer, scheduler=scheduler, scaler=scaler, oom_hint=recipe.oom_hint)
-                    for name, value in {"loss": loss, **stats}.items():
-                        accum[name] = accum.get(name, 0.0) + float(all_reduce_mean(value.detach()))
-                    accum["n"] += 1
-                    steps += 1
+                    sums.add({"loss": loss, **stats})
                     if any_rank(guard.requested is not None, device):
-                        self._save_state(wrapped, opt, epoch=epoch, step=step + 1, extra={"accum": accum, **recipe.state})
+                        self._save_state(wrapped, opt, epoch=epoch, step=step + 1, extra={"accum": sums.floats(), **recipe.state})
                         barrier()  # no rank exits 75 before rank 0 has written last.pt: exit 75 always means "state saved"
                         raise StopRequested(f"signal {guard.requested or 'on another rank'}: state saved in {self.last_path}; "
                                             "rerun with --resume to continue")
-                start_step = 0
+                start_step, steps = 0, sums.steps
+                means = sums.means()  # waits for the epoch's queued device work, so the time below includes it
                 seconds = time.perf_counter() - t_epoch
-                means = {k: v / max(accum["n"], 1) for k, v in accum.items() if k != "n"}
-                accum = {"loss": 0.0, "n": 0}
                 metrics = recipe.epoch_end(wrapped, epoch, {"epoch": epoch + 1, **means, "lr": scheduler.get_last_lr()[0], "seconds": seconds},
                                            steps=steps)
                 if dist.is_main:
@@ -453,5 +495,5 @@ class TrainingRun:
                 if epoch + 1 == schedule.epochs or (epoch + 1) % schedule.checkpoint_every == 0:
                     if dist.is_main:  # the artefact first: a kill between the two leaves last.pt behind, which redoes the epoch
                         recipe.checkpoint(wrapped, epoch + 1, metrics)
-                    self._save_state(wrapped, opt, epoch=epoch + 1, step=0, extra={"accum": accum, **recipe.state})
+                    self._save_state(wrapped, opt, epoch=epoch + 1, step=0, extra={"accum": {"loss": 0.0, "n": 0}, **recipe.state})
         return metrics
