@@ -38,8 +38,8 @@ def nt_xent(
     anchors = torch.cat([idx, idx + n])  # (2n,) rows of z used as anchors
     logits = z[anchors] @ z.T / temperature  # (2n, 2N)
     targets = torch.cat([idx + n, idx])
-    mask = torch.zeros_like(logits, dtype=torch.bool)
-    mask[torch.arange(anchors.numel(), device=z.device), anchors] = True  # k != i
+    # k != i, as a comparison: an indexed assignment of True copies the scalar to the GPU and synchronises every step
+    mask = anchors[:, None] == torch.arange(z.shape[0], device=z.device)[None, :]
     if groups is not None:
         g = torch.cat([groups, groups]).to(z.device)
         mask |= g[anchors][:, None] != g[None, :]
