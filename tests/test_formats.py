@@ -270,3 +270,29 @@ def test_images_labels_dataset_with_nrrd_labels_and_dicom_cases(tmp_path):
     sitk.WriteImage(shifted, str(root / "labels" / "a.nrrd"))
     with pytest.raises(InputDataError, match="label geometry .* differs"):
         preprocess(root, config=PreprocessConfig(size=(8, 8, 8)), cache_dir=tmp_path / "cache2")
+
+
+def test_evaluate_reads_nrrd_and_mha_labels_as_their_nifti(ct_dataset, model_path, tmp_path):
+    """``ssl3d evaluate`` against labels in NRRD / MetaImage (a plain folder) gives what the same labels in NIfTI give."""
+    cases = ["synthct_000", "synthct_001"]
+    r = run("predict", *[ct_dataset / "imagesTr" / f"{c}.nii.gz" for c in cases], "--model", model_path, "-o", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    folders = {"nifti": tmp_path / "nifti", "itk": tmp_path / "itk"}
+    for folder in folders.values():
+        folder.mkdir()
+    for case, suffix in zip(cases, (".nrrd", ".mha")):
+        source = ct_dataset / "labelsTr" / f"{case}.nii.gz"
+        shutil.copy(source, folders["nifti"] / source.name)
+        sitk.WriteImage(sitk.ReadImage(str(source)), str(folders["itk"] / f"{case}{suffix}"))
+    results = {}
+    for name, folder in folders.items():
+        r = runner.invoke(app, ["evaluate", str(tmp_path / "p"), str(folder), "--json", "--no-progress"])
+        assert r.exit_code == 0, r.output
+        results[name] = json.loads(r.stdout)
+    assert results["itk"]["evaluated"] == 2
+    assert results["itk"]["cases"] == results["nifti"]["cases"] and results["itk"]["label_values"] == results["nifti"]["label_values"]
+    shifted = sitk.ReadImage(str(folders["itk"] / "synthct_000.nrrd"))
+    shifted.SetOrigin(tuple(o + 5.0 for o in shifted.GetOrigin()))
+    sitk.WriteImage(shifted, str(folders["itk"] / "synthct_000.nrrd"))
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "p"), str(folders["itk"]), "--no-progress"])
+    assert r.exit_code == 2 and "case synthct_000" in r.output and "label's grid" in r.output and "Traceback" not in r.output

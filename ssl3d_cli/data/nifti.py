@@ -258,6 +258,26 @@ def _label_array(path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
     return arr, np.asarray(img.affine, dtype=np.float64), plain
 
 
+def read_label_map(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A label file (NIfTI, NRRD or MetaImage) as it lies: (X, Y, Z) int64 class values and its RAS affine (4, 4).
+
+    Unlike :func:`load_label` it checks no image grid (``ssl3d evaluate`` compares it with the prediction's own).
+
+    Raises:
+        InputDataError: an unreadable file, non-finite or non-integer values.
+    """
+    arr, affine, plain = _label_array(path)
+    shape = tuple(int(s) for s in arr.shape[:3])
+    if plain:
+        return arr.reshape(shape).astype(np.int64, copy=False), affine
+    arr = np.asarray(arr, dtype=np.float32).reshape(shape)
+    check_finite(arr, path)
+    rounded = np.rint(arr)
+    if not np.array_equal(rounded, arr):
+        raise InputDataError(f"{path}: label map holds non-integer values; labels must be integer class values")
+    return rounded.astype(np.int64), affine
+
+
 def read_label_values(path: Path) -> np.ndarray:
     """The distinct values of a label file (NIfTI, NRRD or MetaImage), without grid checks."""
     return np.unique(_label_array(path)[0])

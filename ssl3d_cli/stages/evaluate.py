@@ -14,7 +14,16 @@ import numpy as np
 
 from ssl3d_cli.data.cache import Cache
 from ssl3d_cli.data.datasets import discover_dataset, evaluation_regions
-from ssl3d_cli.data.nifti import GEOMETRY_ATOL_MM, is_nifti, spacing_from_affine, strip_nifti_suffix
+from ssl3d_cli.data.nifti import (
+    GEOMETRY_ATOL_MM,
+    is_image_file,
+    is_nifti,
+    read_label_map,
+    read_label_values,
+    spacing_from_affine,
+    strip_image_suffix,
+    strip_nifti_suffix,
+)
 from ssl3d_cli.errors import ConfigError, InputDataError
 from ssl3d_cli.files import atomic_write_json, atomic_write_text, check_writable
 from ssl3d_cli.metrics import DEFAULT_NSD_TOLERANCE_MM, case_metrics, conventions, mean_metrics
@@ -30,10 +39,9 @@ def label_sources(labels: Path) -> tuple[dict[str, Path], list[int] | None, list
         files: dict[str, Path] = {cid: cache.label_source(cid) for cid in cache.labelled_ids}  # type: ignore[misc]
         data = cache.dataset
         return files, list(data.label_values), list(data.class_names), {k: list(v) for k, v in data.regions.items()}
-    has_nifti = any(is_nifti(p) for p in labels.iterdir() if p.is_file())
-    if has_nifti and not (labels / "dataset.json").exists():
-        files = {strip_nifti_suffix(p.name): p for p in labels.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("._")}
-        return files, None, None, {}
+    label_files = [p for p in labels.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("._")]
+    if label_files and not (labels / "dataset.json").exists():  # a plain folder of label files (NIfTI, NRRD, MetaImage)
+        return {strip_image_suffix(p.name): p for p in label_files}, None, None, {}
     spec = discover_dataset(labels)
     files = {c.case_id: c.label_path for c in spec.labelled_cases}  # type: ignore[misc]
     if not files:
@@ -133,7 +141,7 @@ def evaluate(
     if values is None:
         found: set[int] = {0}
         for cid in matched:
-            found.update(np.unique(np.asarray(nib.load(str(label_files[cid])).dataobj)).astype(int).tolist())
+            found.update(read_label_values(label_files[cid]).astype(int).tolist())
         values = sorted(found)
     if names is None or len(names) != len(values):
         names = ["background"] + [f"label{v}" for v in values[1:]]
@@ -141,16 +149,16 @@ def evaluate(
     rows = []
     with progress.task("Evaluating", total=len(matched)) as bar:
         for cid in matched:
-            p_img, t_img = nib.load(str(preds[cid])), nib.load(str(label_files[cid]))
-            if p_img.shape[:3] != t_img.shape[:3] or not np.allclose(p_img.affine, t_img.affine, atol=GEOMETRY_ATOL_MM):
+            p_img = nib.load(str(preds[cid]))
+            truth, t_affine = read_label_map(label_files[cid])  # NIfTI, NRRD or MetaImage, its affine in RAS as NIfTI's
+            if p_img.shape[:3] != truth.shape or not np.allclose(p_img.affine, t_affine, atol=GEOMETRY_ATOL_MM):
                 raise InputDataError(f"case {cid}: prediction {preds[cid]} has shape {p_img.shape} / affine unlike the label "
-                                     f"{label_files[cid]} {t_img.shape}; predictions must lie on the label's grid")
+                                     f"{label_files[cid]} {truth.shape}; predictions must lie on the label's grid")
             pred = np.rint(np.asarray(p_img.dataobj)).astype(np.int64).reshape(p_img.shape[:3])
-            truth = np.rint(np.asarray(t_img.dataobj)).astype(np.int64).reshape(t_img.shape[:3])
             row = {"case": cid, **case_metrics(pred, truth, label_values=values, class_names=names,
-                                               spacing_mm=spacing_from_affine(t_img.affine), regions=regions, with_hd95=with_hd95,
+                                               spacing_mm=spacing_from_affine(t_affine), regions=regions, with_hd95=with_hd95,
                                                nsd_tolerance_mm=nsd_tolerance_mm)}
-            row.update(quality.case(cid, pred, truth, t_img, label_files[cid]))
+            row.update(quality.case(cid, pred, truth, t_affine, label_files[cid]))
             rows.append(row)
             bar.advance(1)
     mean = mean_metrics([{k: v for k, v in r.items() if k != "case"} for r in rows])
@@ -184,18 +192,20 @@ class UncertaintyQuality:
         self.thresholds = np.linspace(0.0, float(np.log(max(len(self.label_values), 2))), 50)
         self.overlap: Any = None
 
-    def _map(self, folder: Path, cid: str, suffix: str, t_img: Any, flag: str) -> np.ndarray:
+    def _map(self, folder: Path, cid: str, suffix: str, shape: tuple[int, ...], affine: np.ndarray, flag: str) -> np.ndarray:
+        """The case's ``<case>_<suffix>.nii.gz`` in ``folder``, checked to lie on the label's grid (``shape``, ``affine``)."""
         path = folder / f"{cid}_{suffix}.nii.gz"
         if not path.exists():
             raise InputDataError(f"case {cid}: {path} not found; {flag} must hold a {suffix} map for every evaluated case")
         img = nib.load(str(path))
-        if img.shape[:3] != t_img.shape[:3] or not np.allclose(img.affine, t_img.affine, atol=GEOMETRY_ATOL_MM):
-            raise InputDataError(f"case {cid}: {path} has shape {img.shape[:3]} / affine unlike the label {t_img.shape[:3]}; "
+        if img.shape[:3] != tuple(shape) or not np.allclose(img.affine, affine, atol=GEOMETRY_ATOL_MM):
+            raise InputDataError(f"case {cid}: {path} has shape {img.shape[:3]} / affine unlike the label {tuple(shape)}; "
                                  "maps must lie on the label's grid")
         return np.asarray(img.dataobj, dtype=np.float32)
 
-    def case(self, cid: str, pred: np.ndarray, truth: np.ndarray, t_img: Any, label_path: Path) -> dict[str, float]:
-        """Calibration (and overlap) figures of one case; ``pred``/``truth`` (X, Y, Z) in label values."""
+    def case(self, cid: str, pred: np.ndarray, truth: np.ndarray, affine: np.ndarray, label_path: Path) -> dict[str, float]:
+        """Calibration (and overlap) figures of one case; ``pred``/``truth`` (X, Y, Z) in label values on the label's grid
+        (``affine`` (4, 4), RAS)."""
         if self.probabilities is None and self.uncertainty is None:
             return {}
         from ssl3d_cli.calibration import case_calibration, uncertainty_error_overlap
@@ -204,16 +214,16 @@ class UncertaintyQuality:
         truth_index = map_labels(truth, self.label_values, str(label_path))
         out: dict[str, float] = {}
         if self.probabilities is not None:
-            probs = self._map(self.probabilities, cid, "probabilities", t_img, "--probabilities")
+            probs = self._map(self.probabilities, cid, "probabilities", truth.shape, affine, "--probabilities")
             if probs.ndim != 4 or probs.shape[3] != len(self.label_values):
                 raise InputDataError(f"case {cid}: the probability map has shape {probs.shape}; expected (X, Y, Z, {len(self.label_values)}) "
                                      "as `ssl3d predict --save-probabilities` writes")
-            values, whole, roi = case_calibration(np.moveaxis(probs, -1, 0), truth_index, spacing_mm=spacing_from_affine(t_img.affine))
+            values, whole, roi = case_calibration(np.moveaxis(probs, -1, 0), truth_index, spacing_mm=spacing_from_affine(affine))
             self.whole.add(whole)
             self.roi.add(roi)
             out.update(values)
         if self.uncertainty is not None:
-            entropy = self._map(self.uncertainty, cid, "entropy", t_img, "--uncertainty").reshape(truth.shape)
+            entropy = self._map(self.uncertainty, cid, "entropy", truth.shape, affine, "--uncertainty").reshape(truth.shape)
             overlap = uncertainty_error_overlap(entropy, map_labels(pred, self.label_values, f"prediction of {cid}"), truth_index,
                                                 thresholds=self.thresholds)
             self.overlap = overlap if self.overlap is None else self.overlap + overlap
