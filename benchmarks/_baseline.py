@@ -15,7 +15,25 @@ import torch
 import torch.nn.functional as F
 
 from ssl3d_cli.config import PreprocessConfig
-from ssl3d_cli.data.preprocessing import CaseGeometry, PreprocessedCase, bounding_box, from_canonical, resample_label, to_canonical
+from ssl3d_cli.data.preprocessing import CaseGeometry, PreprocessedCase, from_canonical, to_canonical
+
+
+def bounding_box(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    if not mask.any():
+        return (0, 0, 0), tuple(int(s) for s in mask.shape)  # type: ignore[return-value]
+    start, stop = [], []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        start.append(int(idx[0]))
+        stop.append(int(idx[-1]) + 1)
+    return tuple(start), tuple(stop)  # type: ignore[return-value]
+
+
+def resample_label(label: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    t = torch.from_numpy(label.astype(np.float32))[None, None]
+    out = F.interpolate(t, size=size, mode="nearest-exact")
+    return out[0, 0].numpy().astype(np.uint8)
 
 
 def foreground_mask(image: np.ndarray, modality: str, *, ct_threshold_hu: float = -500.0) -> np.ndarray:

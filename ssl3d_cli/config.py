@@ -68,13 +68,25 @@ def parse_float_list(value: str | list[float] | tuple[float, ...], *, option: st
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How scans are turned into the fixed-size cache grid (paper Appendix B.1)."""
+    """How scans are turned into the cache grid: the paper's fixed size (Appendix B.1), or a target spacing.
+
+    ``spacing`` None: every crop box is resized to ``size`` (the paper's recipe, the default). A spacing (mm along
+    the canonical R, A, S axes) selects the native-resolution mode (issue 15): each crop box is resampled to that spacing
+    and keeps its own size (``data.spacing.native_size``); ``"auto"`` asks :func:`ssl3d_cli.stages.preprocess.preprocess`
+    for the dataset's target spacing (``data.spacing.target_spacing``), which it records in the cache's settings.
+    """
 
     size: tuple[int, int, int] = (128, 128, 128)
     modality: str = "auto"  # auto | ct | mr
     ct_body_threshold_hu: float = -500.0
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     dtype: str = "float16"
+    spacing: tuple[float, float, float] | str | None = None  # None: fixed size | (x, y, z) mm | "auto" (dataset median)
+
+    @property
+    def native(self) -> bool:
+        """The native-resolution mode: a target spacing instead of a fixed grid size."""
+        return self.spacing is not None
 
     def validate(self) -> PreprocessConfig:
         if self.modality not in ("auto", "ct", "mr"):
@@ -85,10 +97,20 @@ class PreprocessConfig:
         if not 0 <= lo < hi <= 100:
             raise ConfigError(f"clip percentiles {self.clip_percentiles}: need 0 <= low < high <= 100")
         parse_size(self.size)
+        if self.spacing is not None and self.spacing != "auto":
+            from ssl3d_cli.data.spacing import parse_spacing
+
+            try:
+                parse_spacing(self.spacing)  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
+        out = _as_dict(self)
+        if self.spacing is None:  # the fixed-size recipe keeps the settings (and so the cache keys) it always had
+            out.pop("spacing")
+        return out
 
     def hash(self) -> str:
         return settings_hash(self.to_dict())

@@ -27,11 +27,38 @@ EPILOG = ("Examples: ssl3d preprocess ./Task07_Pancreas --workers 8  |  "
 SizeOpt = Annotated[str, typer.Option("--size", help="Cache grid: one number or three (D,H,W). The paper: 128.")]
 
 
+def resolution_spacing(resolution: str | None, spacing: str | None) -> tuple[float, float, float] | str | None:
+    """``--resolution`` / ``--spacing`` -> ``PreprocessConfig.spacing``: None (a fixed grid), ``"auto"`` or three mm values.
+
+    Raises:
+        ConfigError: ``--spacing`` without ``--resolution native``, or not three positive numbers.
+    """
+    from ssl3d_cli.data.spacing import parse_spacing
+    from ssl3d_cli.errors import ConfigError
+
+    native = resolution is not None and resolution.strip().lower() == "native"
+    if spacing is not None and not native:
+        raise ConfigError(f"--spacing {spacing}: only with --resolution native (a fixed grid has no target spacing)")
+    if not native:
+        return None
+    if spacing is None:
+        return "auto"
+    try:
+        return parse_spacing(spacing)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def command(
     dataset: Annotated[Path, typer.Argument(help="MSD / nnU-Net / BraTS folder, or a plain folder of scans (NIfTI, NRRD, MetaImage, "
                                             "DICOM series folders).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Exact cache folder (default: keyed by dataset path and settings).")] = None,
     size: SizeOpt = "128",
+    resolution: Annotated[str | None, typer.Option("--resolution", help="'native': resample each crop to a target spacing and keep "
+                                                   "its own size (issue 15, in progress: training on such a cache is not built "
+                                                   "yet); a size (e.g. 128): the paper's fixed grid, as --size.")] = None,
+    spacing: Annotated[str | None, typer.Option("--spacing", help="With --resolution native: the target spacing in mm along R, A, S "
+                                                "(default: the dataset's median, nnU-Net's rule for anisotropic data).")] = None,
     modality: Annotated[str, typer.Option(help="auto | ct | mr (how the foreground and intensities are found).")] = "auto",
     dtype: Annotated[str, typer.Option(help="float16 (half the disk) or float32.")] = "float16",
     workers: Annotated[int, typer.Option(help="Parallel processes.")] = 1,
@@ -49,12 +76,17 @@ def command(
         from ssl3d_cli.config import PreprocessConfig, parse_size
         from ssl3d_cli.stages.preprocess import preprocess
 
-        config = PreprocessConfig(size=parse_size(size), modality=modality, dtype=dtype)
+        config = PreprocessConfig(size=parse_size(size), modality=modality, dtype=dtype,
+                                  spacing=resolution_spacing(resolution, spacing))
+        if resolution is not None and resolution.strip().lower() != "native":
+            config = PreprocessConfig(size=parse_size(resolution), modality=modality, dtype=dtype)
         return preprocess(dataset, config=config, cache_dir=output, cache_root=cache_dir, workers=workers,
                           shard=shard, skip_bad=skip_bad, verify=verify).to_dict()
 
     def human(r: dict) -> None:
         typer.echo(f"Cache: {r['cache_dir']}  ({r['processed']} processed, {r['up_to_date']} up to date, {r['cases']} cases)")
+        if r.get("spacing_mm"):
+            typer.echo("Target spacing: " + " x ".join(f"{v:.3g}" for v in r["spacing_mm"]) + " mm (R, A, S)")
         for bad in r["bad"]:
             typer.echo(f"  skipped {bad['case']}: {bad['error']}")
         if r["bad"]:

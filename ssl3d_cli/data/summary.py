@@ -60,8 +60,10 @@ class DatasetSummary:
     def preprocess_config(self) -> PreprocessConfig:
         """The settings that turn a raw scan into what the network was trained on."""
         s = self.preprocess
+        spacing = s.get("spacing")  # absent: the fixed-size recipe (every cache and model before issue 15)
         return PreprocessConfig(size=tuple(s["size"]), modality=s["modality"], ct_body_threshold_hu=s["ct_body_threshold_hu"],
-                                clip_percentiles=tuple(s["clip_percentiles"]), dtype=s["dtype"])
+                                clip_percentiles=tuple(s["clip_percentiles"]), dtype=s["dtype"],
+                                spacing=tuple(spacing) if isinstance(spacing, list) else spacing)
 
     def class_index(self, name_or_value: str) -> int:
         """A class by name (case-insensitive), original label value or internal index."""

@@ -34,7 +34,7 @@ from ssl3d_cli.runtime.device import seed_everything
 from ssl3d_cli.runtime.distributed import barrier
 from ssl3d_cli.stages.evaluate import evaluate, to_csv_text
 from ssl3d_cli.stages.predict import predict_cases
-from ssl3d_cli.stages.preprocess import open_cache_on_all_ranks
+from ssl3d_cli.stages.preprocess import open_cache_on_all_ranks, require_fixed_grid
 from ssl3d_cli.training.data import CacheCases
 from ssl3d_cli.training.run import Recipe, Schedule, TrainingRun, start_training, unwrap
 
@@ -191,6 +191,7 @@ def finetune(
     config = (config or FinetuneConfig()).validate()
     ctx = start_training(runtime)
     cache = open_cache_on_all_ranks(dataset, config=preprocess_config, cache_root=cache_root)
+    require_fixed_grid(cache, "finetune")
     data = cache.dataset
     if not cache.labelled_ids:
         raise InputDataError(f"{cache.root}: no labelled cases; fine-tuning needs labels (labelsTr, _seg files or labels/)")

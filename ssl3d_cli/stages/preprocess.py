@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,11 @@ import numpy as np
 from ssl3d_cli.config import PreprocessConfig
 from ssl3d_cli.data.cache import Cache, build_manifest, cache_dir_for, source_stats
 from ssl3d_cli.data.datasets import CaseSpec, DatasetSpec, discover_dataset, evaluation_regions
-from ssl3d_cli.data.nifti import load_label, load_scan, read_label_values
+from ssl3d_cli.data.nifti import load_label, load_scan, read_grid, read_label_values
 from ssl3d_cli.data.preprocessing import map_labels, preprocess_arrays
 from ssl3d_cli.data.shards import parse_shard
-from ssl3d_cli.errors import InputDataError, Ssl3dError
+from ssl3d_cli.data.spacing import canonical_spacing, target_spacing
+from ssl3d_cli.errors import ConfigError, InputDataError, Ssl3dError
 from ssl3d_cli.files import atomic_save_npy, atomic_write_json, check_writable
 from ssl3d_cli.runtime import progress
 
@@ -31,15 +32,38 @@ class PreprocessResult:
     skipped_up_to_date: list[str] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)
     total_cases: int = 0
+    spacing_mm: tuple[float, float, float] | None = None  # the native-resolution mode's target spacing
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "cache_dir": str(self.cache_dir),
             "processed": len(self.processed),
             "up_to_date": len(self.skipped_up_to_date),
             "bad": [{"case": c, "error": e} for c, e in self.bad],
             "cases": self.total_cases,
         }
+        if self.spacing_mm is not None:
+            out["spacing_mm"] = list(self.spacing_mm)
+        return out
+
+
+def dataset_target_spacing(spec: DatasetSpec) -> tuple[float, float, float]:
+    """The native-resolution target spacing of a dataset: nnU-Net's rule over its scans' canonical spacings
+    (``data.spacing.target_spacing``; a NIfTI's header alone is read, other formats whole)."""
+    spacings = [canonical_spacing(read_grid(case.image_paths[0]).affine) for case in spec.cases]
+    return target_spacing(spacings)
+
+
+def require_fixed_grid(cache: Cache, stage: str) -> None:
+    """Refuse to train on a native-resolution cache: patch training at a target spacing is not built yet (issue 15).
+
+    Raises:
+        ConfigError: the cache was made with ``--resolution native``.
+    """
+    if cache.dataset.preprocess_config().native:
+        raise ConfigError(f"{cache.root}: a native-resolution cache (--resolution native); `ssl3d {stage}` trains on the fixed "
+                          "grid only so far (patch training at a target spacing is not built yet): preprocess with "
+                          "--resolution 128 (the default)")
 
 
 def resolve_modality(spec: DatasetSpec, config: PreprocessConfig) -> str:
@@ -98,8 +122,10 @@ def _case_payload(case: CaseSpec, *, spec: DatasetSpec, modality: str, label_val
 
 def preprocess_case(payload: dict[str, Any]) -> str:
     """Read one case, preprocess it, write its arrays then its record (atomic, record last)."""
-    config = PreprocessConfig(**{**payload["config"], "size": tuple(payload["config"]["size"]),
-                                 "clip_percentiles": tuple(payload["config"]["clip_percentiles"])})
+    settings = payload["config"]
+    spacing = settings.get("spacing")
+    config = PreprocessConfig(**{**settings, "size": tuple(settings["size"]), "clip_percentiles": tuple(settings["clip_percentiles"]),
+                                 "spacing": tuple(spacing) if isinstance(spacing, list) else spacing})
     image_paths = [Path(p) for p in payload["image_paths"]]
     scan = load_scan(image_paths, expected_channels=payload["num_channels"], series_uid=payload["series_uid"])
     label = None
@@ -173,9 +199,14 @@ def preprocess(
         if problems:
             raise InputDataError(f"{spec.root}: --verify found {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     modality = resolve_modality(spec, config)
+    if config.spacing == "auto":
+        config = replace(config, spacing=dataset_target_spacing(spec))
+        log.info("Target spacing of %s: %s mm (R, A, S), from its %d scans", spec.name, " x ".join(f"{v:.3g}" for v in config.spacing),
+                 len(spec.cases))
     out = Path(cache_dir) if cache_dir else cache_dir_for(spec.root, config.hash(), cache_root)
     check_writable(out / "cases")
-    result = PreprocessResult(cache_dir=out, total_cases=len(spec.cases))
+    result = PreprocessResult(cache_dir=out, total_cases=len(spec.cases),
+                              spacing_mm=tuple(config.spacing) if config.native else None)  # type: ignore[arg-type]
     mine = spec.cases[index::count]
     todo = []
     for case in mine:

@@ -24,7 +24,7 @@ from ssl3d_cli.losses.ntxent import nt_xent
 from ssl3d_cli.models.unet import SimCLRModel
 from ssl3d_cli.runtime.device import seed_everything
 from ssl3d_cli.runtime.distributed import DistInfo, all_gather_with_grad
-from ssl3d_cli.stages.preprocess import open_cache_on_all_ranks
+from ssl3d_cli.stages.preprocess import open_cache_on_all_ranks, require_fixed_grid
 from ssl3d_cli.training.data import CacheCases
 from ssl3d_cli.training.run import Recipe, Schedule, TrainingRun, start_training, unwrap
 
@@ -128,6 +128,7 @@ def pretrain(
     preprocess_config = (preprocess_config or PreprocessConfig()).validate()
     ctx = start_training(runtime)
     cache = open_cache_on_all_ranks(dataset, config=preprocess_config, cache_root=cache_root)
+    require_fixed_grid(cache, "pretrain")
     config = config or PretrainConfig()
     config = replace(config, model=replace(config.model, in_channels=cache.dataset.num_channels)).validate(cache.dataset.size)
     if len(cache.case_ids) < 2:
