@@ -279,9 +279,11 @@ def test_blend_and_subset_strategies_give_identical_views(shape, ops):
         assert torch.equal(b, augment_view(x, augmentations=ALL, gen=gen(seed), ops=ops))  # CPU default: subset
 
 
-@pytest.mark.parametrize("shape", [(6, 6, 6), (6, 6, 10), (4, 6, 6)])
-def test_rotate90_grid_copies_exactly_what_rot90_gives(shape):
-    x = torch.randn(9, 2, *shape, generator=gen(4))
+@pytest.mark.parametrize("shape,dtype", [((6, 6, 6), torch.float32), ((6, 6, 10), torch.float32), ((4, 6, 6), torch.float32),
+                                         ((96, 96, 8), torch.bfloat16), ((128, 8, 128), torch.float16)])
+def test_rotate90_grid_copies_exactly_what_rot90_gives(shape, dtype):
+    """Also in half precision at sizes where bfloat16 voxel coordinates would round by more than half a voxel."""
+    x = torch.randn(9, 2, *shape, generator=gen(4)).to(dtype)
     plane, turns = torch.arange(9) // 3, torch.arange(9) % 3 + 1
     square = torch.tensor([shape[a - 2] == shape[b - 2] for a, b in PLANES])
     turns = torch.where(square[plane], turns, 2)

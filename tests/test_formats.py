@@ -296,3 +296,6 @@ def test_evaluate_reads_nrrd_and_mha_labels_as_their_nifti(ct_dataset, model_pat
     sitk.WriteImage(shifted, str(folders["itk"] / "synthct_000.nrrd"))
     r = runner.invoke(app, ["evaluate", str(tmp_path / "p"), str(folders["itk"]), "--no-progress"])
     assert r.exit_code == 2 and "case synthct_000" in r.output and "label's grid" in r.output and "Traceback" not in r.output
+    shutil.copy(folders["nifti"] / "synthct_001.nii.gz", folders["itk"])  # the same case twice, in two formats
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "p"), str(folders["itk"]), "--no-progress"])
+    assert r.exit_code == 2 and "case synthct_001 has two label files, synthct_001.mha and synthct_001.nii.gz" in r.output

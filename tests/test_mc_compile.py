@@ -49,7 +49,7 @@ def test_compiled_sampler_draws_eager_masks() -> None:
     assert compiled.shape == eager.shape == (5, 3, 16, 16, 16)
     assert torch.allclose(compiled, eager, atol=1e-5), (compiled - eager).abs().max()
     sampler = compiled_sampler(model, strict=True)
-    assert sampler._shapes == {(2, 4, 16, 16, 16), (1, 4, 16, 16, 16)}  # batches of 2, 2, 1: compiled once per shape
+    assert {v[0] for v in sampler._variants} == {(2, 4, 16, 16, 16), (1, 4, 16, 16, 16)}  # batches of 2, 2, 1: once per shape
     seconds = sampler.compile_seconds
     assert torch.equal(_samples(model, image, "on"), compiled)  # reused, no new compilation
     assert sampler.compile_seconds == seconds
@@ -94,7 +94,30 @@ def test_cuda_compiled_sampler_draws_eager_masks() -> None:
         return torch.cat(got)
 
     eager, compiled = samples("off"), samples("auto")
-    assert compiled_sampler(model)._shapes and not compiled_sampler(model).failed
+    assert compiled_sampler(model)._variants and not compiled_sampler(model).failed
     rounding = (compiled - eager).abs().mean()  # bf16 activations, fused in another order
     other_masks = (samples("off", seed=8) - eager).abs().mean()  # what drawing other dropout masks moves
     assert rounding < 0.1 * other_masks, (rounding, other_masks)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor's CPU backend needs a C compiler")
+def test_past_the_variant_limit_auto_falls_back_with_a_warning_and_eager_masks(monkeypatch, caplog):
+    """Each dropout rate is a new compiled variant; past the limit torch would run eagerly without a word: the sampler
+    warns once and samples eagerly from the random state the failed call started with (the masks of --compile off)."""
+    model = _model()
+    image = torch.randn(1, 1, 16, 16, 16)
+    monkeypatch.setattr(mc_module, "compile_wanted", lambda mode, device: mode != "off")  # auto compiles, as on CUDA
+    monkeypatch.setattr(mc_module, "MAX_COMPILED_VARIANTS", 1)
+    torch._dynamo.reset()  # variants compiled by earlier tests count towards the limit
+
+    def run(compile: str, rate: float) -> torch.Tensor:
+        got: list[torch.Tensor] = []
+        sample_probabilities(model, image, mc_samples=2, mc_batch=2, seed=5, compile=compile, dropout_encoder=rate, consume=got.append)
+        return torch.cat(got)
+
+    with caplog.at_level(logging.WARNING, logger="ssl3d"):
+        assert torch.allclose(run("auto", 0.3), run("off", 0.3), atol=1e-5)  # the one allowed variant
+        assert torch.equal(run("auto", 0.4), run("off", 0.4))  # a second rate: over the limit, eager
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1
+    assert compiled_sampler(model).failed

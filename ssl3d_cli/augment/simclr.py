@@ -5,7 +5,8 @@ one ``torch.Generator``: no Python loop over patches. The same generator state g
 
 Random stream: which options each sample draws comes first, then every enabled transform, in the order
 transforms are applied (below), draws its parameters for *all* N samples, whether or not a sample chose it.
-So the stream never depends on the selection, and the two ways of applying a transform give the same views:
+So the stream never depends on the selection, and the two ways of applying a transform give the same views (bit for bit
+on the CPU; on a GPU within float rounding, as cuDNN may pick other kernels for other batch sizes):
 - blend (the default off the CPU): compute the transform on every sample and keep it where chosen
   (``torch.where``): a fixed number of kernel launches and no host synchronisation (no ``nonzero``, no
   boolean-mask indexing, no data-dependent branch), so the CPU keeps queueing work ahead of the GPU;
@@ -119,8 +120,9 @@ def rotate90_grid(x: torch.Tensor, plane: torch.Tensor, turns: torch.Tensor) -> 
     # (n, 3, 3); the same in normalised units: a quarter turn is drawn only in a square plane, a half turn is a negation
     rot = table[plane * 3 + turns - 1]
     theta = torch.cat([rot, rot.new_zeros(n, 3, 1)], dim=2)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)
+    # the grid in float32 whatever x's dtype: in bfloat16 voxel coordinates of 96+ voxels round by more than half a voxel
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="border", align_corners=False).to(x.dtype)
 
 
 def _rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
@@ -177,7 +179,8 @@ def apply_rotation(x: torch.Tensor, params: Params, *, blend: bool) -> torch.Ten
     """Rotate sample i of x (N, C, d, h, w) by row i of ``params`` (:func:`draw_rotation`).
 
     blend: both kinds on every sample, kept per sample with ``torch.where`` (no synchronisation); else exact turns with
-    ``rot90`` on their groups and arbitrary angles on the other samples only. Same values either way.
+    ``rot90`` on their groups and arbitrary angles on the other samples only. Same values either way (on a GPU within
+    float rounding of the arbitrary angles).
     """
     exact = params["exact"]
     if blend:
@@ -379,7 +382,8 @@ def augment_view(x: torch.Tensor, *, augmentations: tuple[str, ...], gen: torch.
 
     Each sample draws ``ops`` different options from ``augmentations`` (identity among them); see the module docstring.
     ``blend``: apply each transform to every sample and keep it where chosen (no host synchronisation: the default off
-    the CPU), or False to compute it on the chosen samples only (the default on the CPU). Both give the same views.
+    the CPU), or False to compute it on the chosen samples only (the default on the CPU). Both give the same views
+    (bit for bit on the CPU, within float rounding on a GPU).
     """
     if blend is None:
         blend = x.device.type != "cpu"

@@ -10,17 +10,21 @@ continues from it, so N samples cost far less than N full passes.
 and concatenation passes between the convolutions, which at 128^3 are memory-bound. Inductor is told to draw dropout
 masks with torch's own random ops (``fallback_random``), so a compiled run draws the same masks as an eager one from
 the same seed and batch sizes; what differs is float rounding in fused kernels. Compiling costs time once per process
-and batch shape (see the README's benchmark table); a failure to compile falls back to eager sampling with one
-warning under ``auto`` and is an error under ``on``.
+and compiled variant (batch shape, start of sampling, dropout rates, autocast; see docs/ARCHITECTURE.md's figures); a
+failure to compile, or a variant past :data:`MAX_COMPILED_VARIANTS`, falls back to eager sampling with one warning under
+``auto`` (from the random state the failed call began with) and is an error under ``on``. ``auto`` compiles only with
+torch >= :data:`AUTO_COMPILE_MIN_TORCH`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -32,6 +36,13 @@ log = logging.getLogger("ssl3d")
 
 #: ``--compile`` choices.
 COMPILE_MODES = ("auto", "on", "off")
+#: Compiled variants (batch shape x start of sampling x dropout rates x autocast) before compiling is given up: enough
+#: for ``experiment mc-dropout``'s rates and sites in one process (torch's own default, 8, is not).
+MAX_COMPILED_VARIANTS = 64
+#: ``auto`` compiles from this torch version on: older inductor could lay out the dropout input differently under
+#: ``fallback_random`` and so draw other masks than eager (pytorch#174078); 2.11 (CUDA) and 2.13 (CPU) were checked here.
+AUTO_COMPILE_MIN_TORCH = (2, 11)
+_COMPILE_LOCK = threading.Lock()
 
 
 def set_mc_mode(model: UNet, *, sampling: bool, encoder: float | None = None, decoder: float | None = None) -> None:
@@ -71,14 +82,21 @@ def auto_mc_batch(model: UNet, spatial: tuple[int, int, int], device: torch.devi
 
 
 def compile_wanted(mode: str, device: torch.device) -> bool:
-    """Whether ``--compile MODE`` compiles the sampler on ``device`` (``auto``: on CUDA only, where it pays).
+    """Whether ``--compile MODE`` compiles the sampler on ``device`` (``auto``: on CUDA only, where it pays, with torch
+    >= :data:`AUTO_COMPILE_MIN_TORCH`).
 
     Raises:
         ConfigError: an unknown mode.
     """
     if mode not in COMPILE_MODES:
         raise ConfigError(f"--compile {mode!r}: choose auto, on or off")
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
+    return mode == "on" or (mode == "auto" and device.type == "cuda" and torch_version() >= AUTO_COMPILE_MIN_TORCH)
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def probabilities_from_prefix(model: UNet, prefix: Prefix, n: int) -> torch.Tensor:
@@ -97,35 +115,46 @@ class CompiledSampler:
         self.strict = strict
         self.failed = False
         self.compile_seconds = 0.0
-        self._shapes: set[tuple[int, ...]] = set()
+        self._variants: set[tuple[Any, ...]] = set()
         self._fn = torch.compile(probabilities_from_prefix, dynamic=False)
 
     def __call__(self, model: UNet, prefix: Prefix, n: int) -> torch.Tensor:
         if self.failed:
             return probabilities_from_prefix(model, prefix, n)
+        import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
-        shape = (n, *prefix.pre.shape[1:])
-        first = shape not in self._shapes
+        # what makes torch compile anew: batch shape, where sampling starts, the dropout rates, autocast
+        rates = tuple(m.p for m in model.modules() if isinstance(m, LevelDropout))
+        variant = ((n, *prefix.pre.shape[1:]), prefix.stage, rates, torch.is_autocast_enabled(prefix.pre.device.type))
+        first = variant not in self._variants
+        device = prefix.pre.device
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
         t0 = time.perf_counter()
         try:
-            with inductor_config.patch(fallback_random=True):  # eager's dropout masks (see the module docstring)
-                probs = self._fn(model, prefix, n)
+            # one thread at a time: the config patches are process-wide. A variant beyond the recompile limit raises
+            # (and falls back below) instead of running eagerly without a word, as torch would by default
+            with _COMPILE_LOCK, inductor_config.patch(fallback_random=True), dynamo_config.patch(
+                    recompile_limit=MAX_COMPILED_VARIANTS, fail_on_recompile_limit_hit=True):
+                probs = self._fn(model, prefix, n)  # fallback_random: eager's dropout masks (module docstring)
         except Exception as exc:  # noqa: BLE001 - any compiler failure has the same remedy: run eagerly
             if is_out_of_memory(exc):
                 raise
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             if self.strict:
-                raise ConfigError(f"--compile on: torch.compile failed on {prefix.pre.device} ({reason}); use --compile off") from None
+                raise ConfigError(f"--compile on: torch.compile failed on {device} ({reason}); use --compile off") from None
             log.warning("torch.compile failed (%s); sampling without it (--compile off avoids the attempt)", reason)
             self.failed = True
+            torch.set_rng_state(rng[0])  # the eager retry draws the masks --compile off would have drawn
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1], device)
             return probabilities_from_prefix(model, prefix, n)
         if first:
-            self._shapes.add(shape)
-            if prefix.pre.device.type == "cuda":
-                torch.cuda.synchronize(prefix.pre.device)
+            self._variants.add(variant)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             self.compile_seconds += time.perf_counter() - t0
-            log.info("compiled the MC sampler for batch shape %s in %.1f s", shape, time.perf_counter() - t0)
+            log.info("compiled the MC sampler for batch shape %s (dropout %s) in %.1f s", variant[0], rates, time.perf_counter() - t0)
         return probs
 
 

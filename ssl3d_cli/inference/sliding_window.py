@@ -5,7 +5,9 @@ Conventions (nnU-Net's, with the differences named):
 Window placement (:func:`window_starts`, :func:`window_grid`)
     Per axis the target step is ``patch * (1 - overlap)`` rounded half up to an integer >= 1; the number of windows is
     ``ceil((size - patch) / step) + 1`` and the windows are spread evenly: start i = round(i * (size - patch) / (n - 1)),
-    so the first starts at 0, the last ends at the border, and neighbours overlap by at least ``overlap``. nnU-Net
+    so the first starts at 0 and the last ends at the border. Neighbours overlap by about ``overlap`` of the patch:
+    rounding the step and the starts can take up to a voxel from it (13 voxels, patch 5, overlap 0.5: starts 0, 3, 5,
+    8, the first pair overlapping by 2 voxels, 0.4). nnU-Net
     uses the unrounded step; rounding it first keeps the count free of float noise (``ceil(13.999999)``) and makes
     every start distinct. Windows are visited in C order over (axis 0, axis 1, axis 2); a window's index is its
     position in that order.

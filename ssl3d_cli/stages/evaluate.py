@@ -39,9 +39,15 @@ def label_sources(labels: Path) -> tuple[dict[str, Path], list[int] | None, list
         files: dict[str, Path] = {cid: cache.label_source(cid) for cid in cache.labelled_ids}  # type: ignore[misc]
         data = cache.dataset
         return files, list(data.label_values), list(data.class_names), {k: list(v) for k, v in data.regions.items()}
-    label_files = [p for p in labels.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("._")]
+    label_files = sorted(p for p in labels.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("._"))
     if label_files and not (labels / "dataset.json").exists():  # a plain folder of label files (NIfTI, NRRD, MetaImage)
-        return {strip_image_suffix(p.name): p for p in label_files}, None, None, {}
+        by_case: dict[str, Path] = {}
+        for path in label_files:
+            case = strip_image_suffix(path.name)
+            if case in by_case:
+                raise InputDataError(f"{labels}: case {case} has two label files, {by_case[case].name} and {path.name}; keep one")
+            by_case[case] = path
+        return by_case, None, None, {}
     spec = discover_dataset(labels)
     files = {c.case_id: c.label_path for c in spec.labelled_cases}  # type: ignore[misc]
     if not files:

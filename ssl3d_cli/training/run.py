@@ -8,7 +8,9 @@ ends (unfreezing, validation, best model) and the artefact it writes at each che
 
 Data path: DataLoader workers (kept across epochs) read and pin the batches, :class:`DevicePrefetcher` copies batch
 i+1 to the device while step i runs, and the step figures stay on the device until the epoch ends
-(:class:`StepMetrics`): inside an epoch the loop never waits for the GPU, except where a recipe's step does.
+(:class:`StepMetrics`): inside an epoch a single-process bf16/fp32 loop never waits for the GPU, except where a recipe's
+step does. Under torch.distributed the stop-signal check (``any_rank``) and with fp16 the gradient scaler still wait once
+per step.
 
 Determinism: the batch order of epoch e is a function of (seed, e), the augmentation generator of
 step s of epoch e is seeded from (seed, e, s, rank), and every rank's global RNG state (dropout) is
