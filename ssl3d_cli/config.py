@@ -29,14 +29,14 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def parse_size(value: int | str | tuple[int, ...] | list[int]) -> tuple[int, int, int]:
-    """``128`` or ``"128"`` or ``"96,128,128"`` -> ``(D, H, W)``."""
+def parse_size(value: int | str | tuple[int, ...] | list[int], *, option: str = "--size") -> tuple[int, int, int]:
+    """``128`` or ``"128"`` or ``"96,128,128"`` -> ``(D, H, W)``; errors name ``option``."""
     if isinstance(value, str):
         parts = [p for p in value.replace("x", ",").split(",") if p.strip()]
         try:
             nums = [int(p) for p in parts]
         except ValueError:
-            raise ConfigError(f"--size {value!r}: expected one number or three, e.g. 128 or 96,128,128") from None
+            raise ConfigError(f"{option} {value!r}: expected one number or three, e.g. 128 or 96,128,128") from None
     elif isinstance(value, int):
         nums = [value]
     else:
@@ -44,7 +44,7 @@ def parse_size(value: int | str | tuple[int, ...] | list[int]) -> tuple[int, int
     if len(nums) == 1:
         nums = nums * 3
     if len(nums) != 3 or any(n < 8 for n in nums):
-        raise ConfigError(f"--size {value!r}: expected one number or three, each at least 8")
+        raise ConfigError(f"{option} {value!r}: expected one number or three, each at least 8")
     return (nums[0], nums[1], nums[2])
 
 
@@ -234,6 +234,10 @@ class FinetuneConfig:
     augment: bool = True
     from_scratch: bool = False
     workers: int = 2
+    # native-resolution caches only (issue 15): the training patch (None: chosen from the cases' median shape) and the
+    # share of patches centred on a foreground voxel
+    patch_size: tuple[int, int, int] | None = None
+    foreground_oversampling: float = 1.0 / 3.0
     # trained with dropout at the rates MC dropout later samples with (the paper's best: encoder 0.3, decoder 0)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(dropout_encoder=PAPER_DROPOUT_ENCODER, dropout_decoder=0.0))
 
@@ -256,10 +260,18 @@ class FinetuneConfig:
             raise ConfigError(f"--dice-smooth {self.dice_smooth}: must be >= 0")
         if any(w < 0 for w in self.class_weights):
             raise ConfigError(f"--class-weights {self.class_weights}: weights must be >= 0")
+        if self.patch_size is not None and (len(self.patch_size) != 3 or any(int(p) < 1 for p in self.patch_size)):
+            raise ConfigError(f"--patch-size {self.patch_size}: three positive sizes, e.g. 128,128,64")
+        if not 0 <= self.foreground_oversampling <= 1:
+            raise ConfigError(f"--foreground-oversampling {self.foreground_oversampling}: must be in [0, 1]")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
+        out = _as_dict(self)
+        if self.patch_size is None:  # the fixed grid: the settings (compared on --resume) it always had
+            out.pop("patch_size")
+            out.pop("foreground_oversampling")
+        return out
 
 
 @dataclass(frozen=True)

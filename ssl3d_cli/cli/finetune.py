@@ -21,6 +21,7 @@ from ssl3d_cli.cli.common import (
     run_stage,
 )
 from ssl3d_cli.cli.evaluate import print_table
+from ssl3d_cli.cli.preprocess import resolution_spacing
 
 NAME = "finetune"
 HELP = ("Fine-tune the U-Net from a pretrained encoder (or --from-scratch: the baseline) with the weighted soft Dice; "
@@ -48,6 +49,15 @@ def command(
                                                    "at the training rates (the paper's best: 0.3).")] = 0.3,
     dropout_decoder: Annotated[float, typer.Option("--dropout-decoder", help="Decoder dropout while training (the paper's best: 0.0).")] = 0.0,
     size: Annotated[str, typer.Option("--size", help="Cache grid (128 in the paper).")] = "128",
+    resolution: Annotated[str | None, typer.Option("--resolution", help="'native': train on patches of a cache at the dataset's "
+                                                   "target spacing (issue 15, in progress: no SimCLR encoder at that "
+                                                   "resolution yet, and `uncertainty` cannot use such a model yet); a size: --size.")] = None,
+    spacing: Annotated[str | None, typer.Option("--spacing", help="With --resolution native: target spacing in mm (R,A,S); default "
+                                                "the dataset's median.")] = None,
+    patch_size: Annotated[str | None, typer.Option("--patch-size", help="Native resolution: training patch D,H,W in voxels (default: "
+                                                   "the cases' median shape scaled to at most 128^3 voxels).")] = None,
+    foreground_oversampling: Annotated[float, typer.Option("--foreground-oversampling", help="Native resolution: share of patches "
+                                                           "centred on a foreground voxel (nnU-Net: 1/3).")] = 1.0 / 3.0,
     widths: Annotated[str, typer.Option("--widths", help="Channels per U-Net level; must match the encoder.")] = "16,32,64,128,256",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Volumes per step per GPU.")] = 2,
     lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.")] = 1e-3,
@@ -81,9 +91,12 @@ def command(
             epochs=epochs, freeze_epochs=freeze_epochs, batch_size=batch_size, label_fraction=label_fraction, test_fraction=test_fraction,
             val_fraction=val_fraction, class_weights=parse_float_list(class_weights, option="--class-weights") if class_weights else (),
             include_background=not exclude_background, dice_smooth=dice_smooth, loss=loss, learning_rate=lr, warmup_epochs=warmup_epochs,
-            checkpoint_every=checkpoint_every, augment=augment, from_scratch=from_scratch, workers=workers, model=model)
+            checkpoint_every=checkpoint_every, augment=augment, from_scratch=from_scratch, workers=workers, model=model,
+            patch_size=parse_size(patch_size, option="--patch-size") if patch_size else None, foreground_oversampling=foreground_oversampling)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed, deterministic=deterministic)
-        return finetune(dataset, encoder=encoder, config=config, runtime=runtime, preprocess_config=PreprocessConfig(size=parse_size(size)),
+        grid = resolution if resolution is not None and resolution.strip().lower() != "native" else size
+        preprocess_config = PreprocessConfig(size=parse_size(grid), spacing=resolution_spacing(resolution, spacing))
+        return finetune(dataset, encoder=encoder, config=config, runtime=runtime, preprocess_config=preprocess_config,
                         output=output, resume=resume, split_file=split, cache_root=cache_dir, evaluate_test=test)
 
     def human(r: dict) -> None:

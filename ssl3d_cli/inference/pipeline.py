@@ -118,6 +118,16 @@ def prepare_scan(seg: Segmenter, scan: Scan) -> tuple[torch.Tensor, CaseGeometry
     return image, pre.geometry
 
 
+def native_patch(seg: Segmenter) -> tuple[int, int, int] | None:
+    """The training patch of a native-resolution model (``model.pt``'s ``training.patch_size``), None for the fixed grid."""
+    if not seg.dataset.preprocess_config().native:
+        return None
+    patch = (seg.payload.get("training") or {}).get("patch_size")
+    if not patch:
+        raise ConfigError(f"{seg.path}: a native-resolution model without its training patch size; fine-tune it again")
+    return int(patch[0]), int(patch[1]), int(patch[2])
+
+
 def prepare_case(seg: Segmenter, case: CaseSpec) -> tuple[torch.Tensor, CaseGeometry]:
     """Read a scan and apply the model's own preprocessing: :func:`read_case_scan` then :func:`prepare_scan`."""
     return prepare_scan(seg, read_case_scan(seg, case))
@@ -161,6 +171,17 @@ def accumulate(seg: Segmenter, image: torch.Tensor, mc: MCConfig, *, track_entro
     """
     mc = sampling_rates(seg, mc, warn=False)
     weights = torch.tensor(mc.vote_weights, dtype=torch.float32) if mc.vote_weights else None
+    patch = native_patch(seg)
+    if patch is not None:  # a native-resolution model: a Gaussian-weighted sliding window of its training patch
+        if extra is not None:
+            raise ConfigError(f"{seg.path}: a native-resolution model (issue 15): uncertainty maps by sliding window are not wired "
+                              "into `ssl3d uncertainty` yet; `ssl3d predict` works with it")
+        from ssl3d_cli.inference.sliding_window import sliding_window_votes
+
+        return sliding_window_votes(seg.model, image, patch=patch, mc_samples=mc.mc_samples, mc_batch=mc.mc_batch,
+                                    autocast=seg.precision.autocast, seed=mc.seed, dropout_encoder=mc.dropout_encoder,
+                                    dropout_decoder=mc.dropout_decoder, rules=tuple(rules) if rules is not None else (mc.vote,),
+                                    vote_weights=weights, track_entropy=track_entropy, sample_options={"compile": mc.compile}).votes
     acc = VoteAccumulator(seg.num_classes, weights=weights, track_entropy=track_entropy,
                           rules=tuple(rules) if rules is not None else (mc.vote,))
 

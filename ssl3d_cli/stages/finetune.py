@@ -26,6 +26,7 @@ from ssl3d_cli.data.summary import DatasetSummary
 from ssl3d_cli.errors import CheckpointError, ConfigError, InputDataError
 from ssl3d_cli.files import atomic_write_bytes, atomic_write_json
 from ssl3d_cli.inference.pipeline import load_segmenter
+from ssl3d_cli.inference.sliding_window import sliding_labels, sliding_window_votes
 from ssl3d_cli.losses.dice import dice_ce_loss, soft_dice_loss
 from ssl3d_cli.metrics import dice_per_class_indices
 from ssl3d_cli.models.unet import UNet
@@ -34,8 +35,9 @@ from ssl3d_cli.runtime.device import seed_everything
 from ssl3d_cli.runtime.distributed import barrier
 from ssl3d_cli.stages.evaluate import evaluate, to_csv_text
 from ssl3d_cli.stages.predict import predict_cases
-from ssl3d_cli.stages.preprocess import open_cache_on_all_ranks, require_fixed_grid
+from ssl3d_cli.stages.preprocess import open_cache_on_all_ranks
 from ssl3d_cli.training.data import CacheCases
+from ssl3d_cli.training.patches import collate_cases, default_patch_size, sample_patches
 from ssl3d_cli.training.run import Recipe, Schedule, TrainingRun, start_training, unwrap
 
 log = logging.getLogger("ssl3d")
@@ -65,20 +67,43 @@ def load_validation_cases(cache: Cache, case_ids: list[str]) -> list[tuple[torch
 
 @torch.no_grad()
 def validation_dice(model: torch.nn.Module, cases: list[tuple[torch.Tensor, np.ndarray]], num_classes: int, device: torch.device,
-                    precision: Any) -> tuple[float, list[float]]:
-    """Mean foreground Dice (and per class) of the deterministic model on the cache grid."""
+                    precision: Any, patch: tuple[int, int, int] | None = None) -> tuple[float, list[float]]:
+    """Mean foreground Dice (and per class) of the deterministic model on the cache grid; with ``patch`` (a native
+    cache) by a Gaussian-weighted sliding window over each whole case, as prediction does."""
     net = unwrap(model)
     was_training = net.training
     net.eval()
     per_case = []
     for image, label in cases:
-        with precision.autocast():
-            pred = net(image.to(device).float()).argmax(1)[0].cpu().numpy()
+        if patch is not None:
+            votes = sliding_window_votes(net, image.to(device).float(), patch=patch, mc_samples=1, autocast=precision.autocast).votes
+            pred = sliding_labels(votes, "mean").cpu().numpy()
+        else:
+            with precision.autocast():
+                pred = net(image.to(device).float()).argmax(1)[0].cpu().numpy()
         per_case.append(dice_per_class_indices(pred, label, num_classes))
-    net.train(was_training)
+    net.train(was_training)  # every module, the dropout ones the sliding window switched too
     per_class = np.mean(per_case, axis=0).tolist() if per_case else [0.0] * num_classes
     fg = float(np.mean(per_class[1:])) if len(per_class) > 1 else float(per_class[0])
     return fg, per_class
+
+
+def native_patch_config(cache: Cache, config: FinetuneConfig) -> FinetuneConfig:
+    """``config`` with the training patch of a native-resolution cache: ``--patch-size``, or chosen from the cases' median
+    shape (``training.patches.default_patch_size``); logged, and refused unless each side is a multiple of 2^(levels - 1).
+
+    Raises:
+        ConfigError: a patch the U-Net cannot take.
+    """
+    levels = len(config.model.widths)
+    factor = 2 ** (levels - 1)
+    patch = tuple(int(p) for p in config.patch_size) if config.patch_size is not None else default_patch_size(
+        [cache.record(cid)["geometry"]["size"] for cid in cache.case_ids], levels)
+    if any(p % factor for p in patch):
+        raise ConfigError(f"--patch-size {','.join(map(str, patch))}: each side must be a multiple of {factor} for {levels} U-Net levels")
+    log.info("Native resolution: training on %s patches (%.0f%% centred on foreground), validating by sliding window",
+             "x".join(map(str, patch)), 100 * config.foreground_oversampling)
+    return replace(config, patch_size=patch)  # type: ignore[arg-type]
 
 
 def segmenter_payload(model: torch.nn.Module, dataset: DatasetSummary, *, config: FinetuneConfig, epoch: int, val_dice: float | None,
@@ -114,6 +139,10 @@ class SegmentationRecipe(Recipe):
         self.model_path, self.encoder_path = model_path, encoder_path
         self.model = model.to(ctx.device)
         self.dataset = CacheCases(cache, split["train"], labels=True)
+        self.patch = tuple(config.patch_size) if config.patch_size is not None else None  # a native cache: patch training
+        if self.patch is not None:
+            self.collate = collate_cases  # cases of different sizes: patches are cut in step()
+            self.oom_hint = f"lower --batch-size (now {config.batch_size}) or --patch-size (now {','.join(map(str, self.patch))}) on {ctx.device}"
         self.state = {"best": -1.0, "best_epoch": 0}
         self.oom_hint = f"lower --batch-size (now {config.batch_size}) or --size on {ctx.device}"
         self.weights = torch.tensor(config.class_weights, dtype=torch.float32, device=ctx.device) if config.class_weights else None
@@ -121,8 +150,13 @@ class SegmentationRecipe(Recipe):
         self.val_cases = load_validation_cases(cache, split["val"]) if ctx.dist.is_main else []
         self._encoder_frozen: bool | None = None
 
-    def step(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        image, label = batch[0].float(), batch[1].long()
+    def step(self, model: torch.nn.Module, batch: tuple[Any, Any], gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        if self.patch is not None:  # lists of whole cases: one patch each, drawn with this step's generator
+            image, label = sample_patches(list(batch[0]), list(batch[1]), self.patch, foreground=self.config.foreground_oversampling,
+                                          gen=gen)
+        else:
+            image, label = batch
+        image, label = image.float(), label.long()
         if self.config.augment:
             image, label = augment_pair(image, label, gen)
         with self.ctx.precision.autocast():
@@ -147,7 +181,8 @@ class SegmentationRecipe(Recipe):
         if not self.ctx.dist.is_main:
             return metrics
         if self.val_cases and ((epoch + 1) % self.config.validate_every == 0 or is_last):
-            val, per_class = validation_dice(model, self.val_cases, self.cache.dataset.num_classes, self.ctx.device, self.ctx.precision)
+            val, per_class = validation_dice(model, self.val_cases, self.cache.dataset.num_classes, self.ctx.device, self.ctx.precision,
+                                             patch=self.patch)
             metrics.update(val_dice=val, val_dice_per_class=per_class)
             if val > self.state["best"]:
                 self.state.update(best=val, best_epoch=epoch + 1)
@@ -191,7 +226,6 @@ def finetune(
     config = (config or FinetuneConfig()).validate()
     ctx = start_training(runtime)
     cache = open_cache_on_all_ranks(dataset, config=preprocess_config, cache_root=cache_root)
-    require_fixed_grid(cache, "finetune")
     data = cache.dataset
     if not cache.labelled_ids:
         raise InputDataError(f"{cache.root}: no labelled cases; fine-tuning needs labels (labelsTr, _seg files or labels/)")
@@ -200,8 +234,13 @@ def finetune(
         raise ConfigError(f"--class-weights has {len(config.class_weights)} value(s); the dataset has {data.num_classes} classes "
                           f"({', '.join(data.class_names)})")
     min_size = 2 ** len(config.model.widths)
-    if any(s % (min_size // 2) or s < min_size for s in data.size):
+    if data.preprocess_config().native:
+        config = native_patch_config(cache, config)
+    elif any(s % (min_size // 2) or s < min_size for s in data.size):
         raise ConfigError(f"--size {data.size}: must be a multiple of {min_size // 2} and at least {min_size} for {len(config.model.widths)} levels")
+    elif config.patch_size is not None:
+        raise ConfigError(f"--patch-size {','.join(map(str, config.patch_size))}: only for a native-resolution cache "
+                          f"(preprocess --resolution native); {cache.root} holds the fixed {data.size} grid")
     encoder_path = None if config.from_scratch else Path(encoder) if encoder else find_encoder(data.name)
     if encoder_path:
         log.info("Encoder: %s", encoder_path)

@@ -44,6 +44,7 @@ from ssl3d_cli.inference.pipeline import (
     ScanVotes,
     Segmenter,
     accumulate,
+    native_patch,
     open_segmenter,
     prepare_scan,
     read_case_scan,
@@ -412,6 +413,9 @@ def uncertainty(
     check_prefetch(prefetch)
     paths = [Path(p) for p in inputs]
     seg = open_segmenter(model, runtime, dataset_name=inputs_dataset(paths, model_given=model is not None))
+    if native_patch(seg) is not None:
+        raise ConfigError(f"{seg.path}: a native-resolution model (issue 15): uncertainty maps by sliding window are not wired into "
+                          "`ssl3d uncertainty` yet; `ssl3d predict` works with it")
     mc = sampling_rates(seg, mc)
     union_classes = validate_vote_options(seg, mc)
     target = resolve_target(seg, list(classes or []))

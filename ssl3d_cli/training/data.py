@@ -37,14 +37,17 @@ Batch = Any  # a tensor, or a tuple/list of tensors (what the DataLoader collate
 
 
 def batch_to_device(batch: Batch, device: torch.device) -> Batch:
-    """Every tensor of ``batch`` on ``device``, copied asynchronously (the loader pins memory for CUDA)."""
+    """Every tensor of ``batch`` (nested tuples/lists too: cases of different sizes) on ``device``, copied
+    asynchronously (the loader pins memory for CUDA)."""
     if isinstance(batch, (tuple, list)):
-        return type(batch)(b.to(device, non_blocking=True) for b in batch)
+        return type(batch)(batch_to_device(b, device) for b in batch)
     return batch.to(device, non_blocking=True)
 
 
 def _tensors(batch: Batch) -> list[torch.Tensor]:
-    return list(batch) if isinstance(batch, (tuple, list)) else [batch]
+    if isinstance(batch, (tuple, list)):
+        return [t for b in batch for t in _tensors(b)]
+    return [batch]
 
 
 class DevicePrefetcher:

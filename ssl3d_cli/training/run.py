@@ -170,6 +170,7 @@ class Recipe:
         description: what the progress bar says.
         oom_hint: which option to lower when a step runs out of memory.
         shown: metric names shown next to the progress bar.
+        collate: how the loader batches items (None: torch's default, which stacks equal shapes).
     """
 
     model: torch.nn.Module
@@ -178,6 +179,7 @@ class Recipe:
     description: str = "Training"
     oom_hint: str = "lower --batch-size"
     shown: tuple[str, ...] = ("loss", "lr")
+    collate: Callable[[list[Any]], Any] | None = None
 
     def step(self, model: torch.nn.Module, batch: Any, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one step (to minimise) and other per-step figures to average over the epoch."""
@@ -463,7 +465,7 @@ class TrainingRun:
         # (the batch sampler runs in this process, so set_epoch still reaches it)
         loader = DataLoader(recipe.dataset, batch_sampler=batches, num_workers=schedule.workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_stop_signals,
-                            persistent_workers=schedule.workers > 0)
+                            persistent_workers=schedule.workers > 0, collate_fn=recipe.collate)
         prefetched = DevicePrefetcher(loader, device)  # batch i+1 is copied to the device while step i runs
         metrics: dict[str, Any] = {}
         wrapped.train()
