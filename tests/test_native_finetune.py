@@ -55,7 +55,7 @@ def native_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return result.cache_dir
 
 
-def test_native_finetune_predict_and_refusals(native_cache, tmp_path):
+def test_native_finetune_then_predict_and_uncertainty(native_cache, tmp_path):
     records = [json.loads(p.read_text()) for p in (native_cache / "cases").glob("*.json")]
     assert len({tuple(r["geometry"]["size"]) for r in records}) > 1  # cases keep their own sizes
     config = FinetuneConfig(epochs=2, from_scratch=True, batch_size=2, workers=0, warmup_epochs=0, learning_rate=1e-2, val_fraction=0.3,
@@ -80,7 +80,7 @@ def test_native_finetune_predict_and_refusals(native_cache, tmp_path):
 
     r = runner.invoke(app, ["uncertainty", str(scan), "--model", str(model_pt), "--mc-samples", "2", "-o", str(tmp_path / "u"),
                             "--device", "cpu", "--no-progress"])
-    assert r.exit_code == 2 and "native-resolution model" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 0, r.output  # maps by sliding window: tests/test_native_uncertainty.py
 
 
 def test_patch_size_is_refused_on_the_fixed_grid(ct_cache, tmp_path):

@@ -98,8 +98,8 @@ def test_preprocess_cli_native_uses_the_dataset_target_spacing(tmp_path):
     sizes = {json.loads(p.read_text())["geometry"]["size"][0] for p in (cache / "cases").glob("*.json")}
     assert len(sizes) > 1  # each case at its own size
 
-    r = runner.invoke(app, ["pretrain", str(cache), "--epochs", "1", "--device", "cpu", "--no-progress"])
-    assert r.exit_code == 2 and "native-resolution cache" in r.output and "--resolution 128" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["pretrain", str(cache), "--region-size", "30,30,30", "--epochs", "1", "--device", "cpu", "--no-progress"])
+    assert r.exit_code == 2 and "--region-size 30,30,30: three sides, each a multiple of 32" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["preprocess", str(data), "--spacing", "1,1,1", "--no-progress"])
     assert r.exit_code == 2 and "--spacing 1,1,1: only with --resolution native" in r.output
     r = runner.invoke(app, ["preprocess", str(data), "--resolution", "native", "--spacing", "1,1", "--no-progress"])

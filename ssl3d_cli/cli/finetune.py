@@ -50,8 +50,8 @@ def command(
     dropout_decoder: Annotated[float, typer.Option("--dropout-decoder", help="Decoder dropout while training (the paper's best: 0.0).")] = 0.0,
     size: Annotated[str, typer.Option("--size", help="Cache grid (128 in the paper).")] = "128",
     resolution: Annotated[str | None, typer.Option("--resolution", help="'native': train on patches of a cache at the dataset's "
-                                                   "target spacing (issue 15, in progress: no SimCLR encoder at that "
-                                                   "resolution yet, and `uncertainty` cannot use such a model yet); a size: --size.")] = None,
+                                                   "target spacing (pretrain with --resolution native for a matching encoder); "
+                                                   "a size: --size.")] = None,
     spacing: Annotated[str | None, typer.Option("--spacing", help="With --resolution native: target spacing in mm (R,A,S); default "
                                                 "the dataset's median.")] = None,
     patch_size: Annotated[str | None, typer.Option("--patch-size", help="Native resolution: training patch D,H,W in voxels (default: "

@@ -55,8 +55,8 @@ def command(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Exact cache folder (default: keyed by dataset path and settings).")] = None,
     size: SizeOpt = "128",
     resolution: Annotated[str | None, typer.Option("--resolution", help="'native': resample each crop to a target spacing and keep "
-                                                   "its own size (issue 15, in progress: training on such a cache is not built "
-                                                   "yet); a size (e.g. 128): the paper's fixed grid, as --size.")] = None,
+                                                   "its own size (patch training, sliding-window inference); a size (e.g. 128): "
+                                                   "the paper's fixed grid, as --size.")] = None,
     spacing: Annotated[str | None, typer.Option("--spacing", help="With --resolution native: the target spacing in mm along R, A, S "
                                                 "(default: the dataset's median, nnU-Net's rule for anisotropic data).")] = None,
     modality: Annotated[str, typer.Option(help="auto | ct | mr (how the foreground and intensities are found).")] = "auto",

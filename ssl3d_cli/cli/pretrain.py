@@ -20,12 +20,14 @@ from ssl3d_cli.cli.common import (
     VerboseOpt,
     run_stage,
 )
+from ssl3d_cli.cli.preprocess import resolution_spacing
 
 NAME = "pretrain"
 HELP = ("3D SimCLR pretraining of the U-Net encoder on every scan (labelled or not): non-overlapping 3D patches, "
         "two random augmentations each, NT-Xent. Resumable; multi-GPU with torchrun.")
 EPILOG = ("Examples: ssl3d pretrain ./Task07_Pancreas --epochs 1000  |  ssl3d pretrain ./Task07_Pancreas --epochs 1000 --resume  |  "
-          "torchrun --nproc-per-node 4 -m ssl3d_cli pretrain ./Task07_Pancreas --epochs 1000")
+          "torchrun --nproc-per-node 4 -m ssl3d_cli pretrain ./Task07_Pancreas --epochs 1000  |  "
+          "ssl3d pretrain ./Task07_Pancreas --resolution native --region-size 128,128,64")
 
 WidthsOpt = Annotated[str, typer.Option("--widths", help="Channels per U-Net level, e.g. 16,32,64,128,256 (same flag on finetune).")]
 SizeOpt = Annotated[str, typer.Option("--size", help="Cache grid the dataset is preprocessed to (128 in the paper).")]
@@ -38,6 +40,14 @@ def command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Scans per step per GPU (M).")] = 4,
     patches_per_side: Annotated[int, typer.Option("--patches-per-side", help="K: each scan is split into K^3 patches (2: 8 of 64^3; 4: 64 of 32^3).")] = 2,
     size: SizeOpt = "128",
+    resolution: Annotated[str | None, typer.Option("--resolution", help="'native': pretrain on a cache at the dataset's target "
+                                                   "spacing, one random region per scan and step split into the K^3 patches; "
+                                                   "a size: --size.")] = None,
+    spacing: Annotated[str | None, typer.Option("--spacing", help="With --resolution native: target spacing in mm (R,A,S); default "
+                                                "the dataset's median.")] = None,
+    region_size: Annotated[str | None, typer.Option("--region-size", help="Native resolution: region D,H,W in voxels cut from each "
+                                                    "scan per step, each side a multiple of K x 2^(levels-1) (default: the scans' "
+                                                    "median shape scaled to at most 128^3 voxels).")] = None,
     widths: WidthsOpt = "16,32,64,128,256",
     temperature: Annotated[float, typer.Option(help="NT-Xent temperature (the paper: 0.05; also 0.1, 0.5).")] = 0.05,
     negatives: Annotated[str, typer.Option(help="batch: all other views (paper text); volume: only patches of the same scan (authors code).")] = "batch",
@@ -73,12 +83,15 @@ def command(
             augmentations=tuple(a.strip() for a in augmentations.split(",") if a.strip()), learning_rate=lr, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, checkpoint_every=checkpoint_every, steps_per_epoch=steps_per_epoch, workers=workers, model=model)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed, deterministic=deterministic)
-        return pretrain(dataset, config=config, runtime=runtime, preprocess_config=PreprocessConfig(size=parse_size(size)),
-                        output=output, resume=resume, cache_root=cache_dir)
+        grid = resolution if resolution is not None and resolution.strip().lower() != "native" else size
+        preprocess_config = PreprocessConfig(size=parse_size(grid), spacing=resolution_spacing(resolution, spacing))
+        return pretrain(dataset, config=config, runtime=runtime, preprocess_config=preprocess_config, output=output, resume=resume,
+                        cache_root=cache_dir, region_size=parse_size(region_size, option="--region-size") if region_size else None)
 
     def human(r: dict) -> None:
         loss = "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
         typer.echo(f"Encoder: {r['encoder']}  (final loss {loss}, {r['seconds']:.0f}s on {r['device']})")
-        typer.echo(f"Next: ssl3d finetune DATASET --encoder {r['encoder']} --label-fraction 0.1")
+        native = " --resolution native" if "region_size" in r else ""  # fine-tune at the resolution it was pretrained at
+        typer.echo(f"Next: ssl3d finetune DATASET{native} --encoder {r['encoder']} --label-fraction 0.1")
 
     run_stage(body, as_json=json_out, quiet=quiet, verbose=verbose, no_progress=no_progress, debug=debug, human=human)

@@ -61,6 +61,11 @@ def command(
     dropout_decoder: DropDecOpt = None,
     mc_batch: McBatchOpt = 0,
     compile_mode: CompileOpt = "auto",
+    percentile_fusion: Annotated[str | None, typer.Option("--percentile-fusion", help="Native-resolution models: where windows "
+                                                          "overlap, the percentile/std maps of the window whose centre is nearest "
+                                                          "(nearest, the default: exact percentiles of one window's N samples) or the "
+                                                          "windows' maps averaged with the Gaussian weights (gaussian: no seams, an "
+                                                          "average of percentiles).")] = None,
     shard: ShardOpt = None,
     split: SplitOpt = None,
     series: SeriesOpt = None,
@@ -86,6 +91,7 @@ def command(
                       union_classes=tuple(union_class or ()), mc_batch=mc_batch, seed=seed, compile=compile_mode)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed)
         return uncertainty(inputs, output=output, model=model, mc=mc, runtime=runtime, classes=list(class_ or []),
+                           percentile_fusion=percentile_fusion,
                            percentiles=list(parse_float_list(percentiles, option="--percentiles")), label=label, figure=figure,
                            overwrite=overwrite, shard=shard, split=split, skip_bad=skip_bad,
                            series=series, prefetch=prefetch)

@@ -152,3 +152,37 @@ def make_mr_case(rng: np.random.Generator, shape: tuple[int, int, int] = (48, 56
         img[~brain] = 0.0
         channels.append(np.clip(img, 0, None))
     return SyntheticCase(np.stack(channels, axis=-1), label, _affine(rng, shape, spacing))
+
+
+def make_small_lesion_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (160, 160, 48),
+                         spacing: tuple[float, float, float] = (0.8, 0.8, 2.5), radius_mm: float = 1.5,
+                         lesions: int = 6) -> SyntheticCase:
+    """A CT-like scan at clinical in-plane resolution with a few small spherical lesions (native-resolution evidence).
+
+    Body (soft tissue, ~40 HU) in air (-1000 HU), an organ ellipsoid (~120 HU, label 1), and ``lesions`` spheres of
+    ``radius_mm`` (220 HU, label 2) placed inside the organ; noise 10 HU. Sizes are in millimetres, so the lesions
+    keep their physical size whatever the voxel grid. RAS axes, origin 0.
+    """
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    coords = [np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing)]
+    x, y, z = np.meshgrid(*coords, indexing="ij")
+    centre = np.asarray(shape) * spacing_arr / 2
+    image = np.full(shape, -1000.0, dtype=np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    body = _ellipsoid(x, y, z, centre, centre * np.array([0.85, 0.75, 1.2]))
+    image[body] = 40.0
+    organ = _ellipsoid(x, y, z, centre, centre * np.array([0.45, 0.4, 0.7]))
+    image[organ] = 120.0
+    label[organ] = 1
+    placed = 0
+    while placed < lesions:
+        c = centre + rng.uniform(-1, 1, 3) * centre * np.array([0.3, 0.25, 0.4])
+        if not organ[tuple(np.clip(np.round(c / spacing_arr).astype(int), 0, np.asarray(shape) - 1))]:
+            continue
+        sphere = _ellipsoid(x, y, z, c, np.full(3, radius_mm))
+        image[sphere] = 220.0
+        label[sphere] = 2
+        placed += 1
+    image += rng.normal(0.0, 10.0, shape).astype(np.float32) * body
+    affine = np.diag([*spacing, 1.0])
+    return SyntheticCase(image.astype(np.int16), label, affine)

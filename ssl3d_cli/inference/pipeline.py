@@ -27,6 +27,7 @@ from ssl3d_cli.data.preprocessing import CaseGeometry, lookup_on_crop, paste_on_
 from ssl3d_cli.data.summary import DatasetSummary
 from ssl3d_cli.errors import CheckpointError, ConfigError, InputDataError
 from ssl3d_cli.inference.mc import sample_probabilities
+from ssl3d_cli.inference.sliding_window import SlidingWindowResult, sliding_window_votes
 from ssl3d_cli.inference.votes import UNDECIDED, VoteAccumulator, apply_union, clear_winners, decide, label_dtype
 from ssl3d_cli.models.unet import UNet
 from ssl3d_cli.runs import find_model
@@ -160,28 +161,78 @@ def sampling_rates(seg: Segmenter, mc: MCConfig, *, warn: bool = True) -> MCConf
     return replace(mc, dropout_encoder=rates[0], dropout_decoder=rates[1])
 
 
+#: Sliding-window settings of native-resolution models (nnU-Net's): window overlap and the Gaussian's sigma / patch.
+SLIDING_OVERLAP = 0.5
+SLIDING_SIGMA_SCALE = 1.0 / 8
+
+
+def sliding_window_settings(seg: Segmenter, percentile_fusion: str | None = None) -> dict[str, Any] | None:
+    """How a native-resolution model samples a scan (recorded with its outputs); None for a fixed-grid model.
+
+    Args:
+        percentile_fusion: how percentile / std maps combine where windows overlap (``nearest`` / ``gaussian``);
+            None when no such maps are made (then not named).
+    """
+    patch = native_patch(seg)
+    if patch is None:
+        return None
+    settings: dict[str, Any] = {"patch": list(patch), "overlap": SLIDING_OVERLAP, "sigma_scale": SLIDING_SIGMA_SCALE}
+    if percentile_fusion is not None:
+        settings["percentile_fusion"] = percentile_fusion
+    return settings
+
+
+def sliding_votes(seg: Segmenter, image: torch.Tensor, mc: MCConfig, *, track_entropy: bool = False,
+                  rules: Sequence[str] | None = None, target: Sequence[int] | None = None, percentiles: Sequence[float] = (),
+                  percentile_fusion: str = "nearest") -> SlidingWindowResult:
+    """A native-resolution model's votes over a whole scan by Gaussian-weighted sliding window of its training patch.
+
+    The full-grid running sums (and, with ``percentiles``, the fused percentile / std maps of p(target)) live on
+    the image's device; each window's per-sample store is freed after the window, so memory does not grow with N.
+
+    Args:
+        image: (1, C, D, H, W) native cache grid of any size.
+        mc: MC settings (dropout rates left as None are the model's training rates).
+        rules: the vote rules that will be read from the result (default: ``mc.vote`` alone).
+        target, percentiles, percentile_fusion: as :func:`~ssl3d_cli.inference.sliding_window.sliding_window_votes`.
+    Returns:
+        the fused sums (n = samples per window) and maps, on the (D, H, W) image grid.
+    Raises:
+        ValueError: a fixed-grid model (no training patch).
+    """
+    patch = native_patch(seg)
+    if patch is None:
+        raise ValueError(f"{seg.path}: a fixed-grid model samples the whole volume at once, not by sliding window")
+    mc = sampling_rates(seg, mc, warn=False)
+    weights = torch.tensor(mc.vote_weights, dtype=torch.float32) if mc.vote_weights else None
+    return sliding_window_votes(seg.model, image, patch=patch, mc_samples=mc.mc_samples, overlap=SLIDING_OVERLAP,
+                                sigma_scale=SLIDING_SIGMA_SCALE, mc_batch=mc.mc_batch, autocast=seg.precision.autocast, seed=mc.seed,
+                                dropout_encoder=mc.dropout_encoder, dropout_decoder=mc.dropout_decoder,
+                                rules=tuple(rules) if rules is not None else (mc.vote,), vote_weights=weights,
+                                track_entropy=track_entropy, target=target, percentiles=percentiles,
+                                percentile_fusion=percentile_fusion, sample_options={"compile": mc.compile})
+
+
 def accumulate(seg: Segmenter, image: torch.Tensor, mc: MCConfig, *, track_entropy: bool = False,
                extra: Any = None, rules: Sequence[str] | None = None) -> VoteAccumulator:
     """Sample (or run once) and count votes. ``extra(probs)`` sees each batch too (uncertainty stores).
 
-    Dropout rates left as None in ``mc`` are the model's training rates (see :func:`sampling_rates`).
+    Dropout rates left as None in ``mc`` are the model's training rates (see :func:`sampling_rates`). A native-resolution
+    model goes through :func:`sliding_votes`.
 
     Args:
         rules: the vote rules that will be read from the result (default: ``mc.vote`` alone); only their sums are kept.
+    Raises:
+        ValueError: ``extra`` with a native-resolution model: its batches are windows, not the scan (ask
+            :func:`sliding_votes` for the percentile maps instead).
     """
+    if native_patch(seg) is not None:  # a native-resolution model: a Gaussian-weighted sliding window of its training patch
+        if extra is not None:
+            raise ValueError(f"{seg.path}: a native-resolution model samples window by window; a per-batch consumer would see "
+                             "windows, not the scan: use sliding_votes(target=..., percentiles=...)")
+        return sliding_votes(seg, image, mc, track_entropy=track_entropy, rules=rules).votes
     mc = sampling_rates(seg, mc, warn=False)
     weights = torch.tensor(mc.vote_weights, dtype=torch.float32) if mc.vote_weights else None
-    patch = native_patch(seg)
-    if patch is not None:  # a native-resolution model: a Gaussian-weighted sliding window of its training patch
-        if extra is not None:
-            raise ConfigError(f"{seg.path}: a native-resolution model (issue 15): uncertainty maps by sliding window are not wired "
-                              "into `ssl3d uncertainty` yet; `ssl3d predict` works with it")
-        from ssl3d_cli.inference.sliding_window import sliding_window_votes
-
-        return sliding_window_votes(seg.model, image, patch=patch, mc_samples=mc.mc_samples, mc_batch=mc.mc_batch,
-                                    autocast=seg.precision.autocast, seed=mc.seed, dropout_encoder=mc.dropout_encoder,
-                                    dropout_decoder=mc.dropout_decoder, rules=tuple(rules) if rules is not None else (mc.vote,),
-                                    vote_weights=weights, track_entropy=track_entropy, sample_options={"compile": mc.compile}).votes
     acc = VoteAccumulator(seg.num_classes, weights=weights, track_entropy=track_entropy,
                           rules=tuple(rules) if rules is not None else (mc.vote,))
 

@@ -88,6 +88,14 @@ def validation_dice(model: torch.nn.Module, cases: list[tuple[torch.Tensor, np.n
     return fg, per_class
 
 
+def grid_description(data: DatasetSummary) -> str:
+    """``"128x128x128 volumes"`` or ``"the native grid at 0.8x0.8x2.5 mm"``: what a model or encoder was trained on."""
+    config = data.preprocess_config()
+    if config.native:
+        return "the native grid at " + "x".join(f"{v:.3g}" for v in config.spacing) + " mm"  # type: ignore[union-attr]
+    return "x".join(map(str, data.size)) + " volumes"
+
+
 def native_patch_config(cache: Cache, config: FinetuneConfig) -> FinetuneConfig:
     """``config`` with the training patch of a native-resolution cache: ``--patch-size``, or chosen from the cases' median
     shape (``training.patches.default_patch_size``); logged, and refused unless each side is a multiple of 2^(levels - 1).
@@ -250,9 +258,9 @@ def finetune(
     seed_everything(runtime.seed, deterministic=runtime.deterministic)
     model = UNet(config.model, data.num_classes)
     if encoder_path:
-        encoder_size = DatasetSummary.from_dict(load_encoder_weights(model, encoder_path)["dataset"]).size
-        if encoder_size != data.size:
-            log.warning("encoder was pretrained on %s volumes, fine-tuning on %s", list(encoder_size), list(data.size))
+        encoder_data = DatasetSummary.from_dict(load_encoder_weights(model, encoder_path)["dataset"])
+        if grid_description(encoder_data) != grid_description(data):
+            log.warning("encoder was pretrained on %s, fine-tuning on %s", grid_description(encoder_data), grid_description(data))
     freeze_epochs = config.freeze_epochs if encoder_path else 0  # a random encoder is not frozen (the baseline)
     # the cache's folder is provenance; --resume compares its content fingerprint, so the cache may move or be re-made
     full_config = {"finetune": config.to_dict(), "runtime": runtime.to_dict(), "preprocess": data.preprocess,

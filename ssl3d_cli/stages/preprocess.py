@@ -18,7 +18,7 @@ from ssl3d_cli.data.nifti import load_label, load_scan, read_grid, read_label_va
 from ssl3d_cli.data.preprocessing import map_labels, preprocess_arrays
 from ssl3d_cli.data.shards import parse_shard
 from ssl3d_cli.data.spacing import canonical_spacing, target_spacing
-from ssl3d_cli.errors import ConfigError, InputDataError, Ssl3dError
+from ssl3d_cli.errors import InputDataError, Ssl3dError
 from ssl3d_cli.files import atomic_save_npy, atomic_write_json, check_writable
 from ssl3d_cli.runtime import progress
 
@@ -52,18 +52,6 @@ def dataset_target_spacing(spec: DatasetSpec) -> tuple[float, float, float]:
     (``data.spacing.target_spacing``; a NIfTI's header alone is read, other formats whole)."""
     spacings = [canonical_spacing(read_grid(case.image_paths[0]).affine) for case in spec.cases]
     return target_spacing(spacings)
-
-
-def require_fixed_grid(cache: Cache, stage: str) -> None:
-    """Refuse to train on a native-resolution cache: patch training at a target spacing is not built yet (issue 15).
-
-    Raises:
-        ConfigError: the cache was made with ``--resolution native``.
-    """
-    if cache.dataset.preprocess_config().native:
-        raise ConfigError(f"{cache.root}: a native-resolution cache (--resolution native); `ssl3d {stage}` trains on the fixed "
-                          "grid only so far (patch training at a target spacing is not built yet): preprocess with "
-                          "--resolution 128 (the default)")
 
 
 def resolve_modality(spec: DatasetSpec, config: PreprocessConfig) -> str:

@@ -82,3 +82,66 @@ def sample_patches(images: list[torch.Tensor], labels: list[torch.Tensor], patch
         out_images.append(image[(slice(None),) + box])
         out_labels.append(label[box])
     return torch.stack(out_images), torch.stack(out_labels)
+
+
+# --- SimCLR pretraining on a native-resolution cache ----------------------------------------------------------------
+# Each step draws one random region per case with the step's generator (uniform position: every window inside the case
+# is equally likely; a case smaller than the region is padded at its end with its minimum, as ``_pad_to`` does); the
+# regions are then split into the K^3 non-overlapping patches of the paper, so a positive pair is still two augmented
+# views of one patch. Draws: per case in batch order, one start per axis (D, H, W), so the regions of a step are a
+# function of (seed, epoch, step, rank) and a resumed run draws the same ones.
+
+
+def default_region_size(case_shapes: Sequence[Sequence[int]], levels: int, patches_per_side: int,
+                        budget_voxels: int = DEFAULT_PATCH_VOXELS) -> tuple[int, int, int]:
+    """A pretraining region for cases of these (D, H, W) shapes: the median shape, shrunk by one factor on every axis
+    until it fits ``budget_voxels`` (the paper's 128^3 volume), each side rounded down to a multiple of
+    K * 2^(levels - 1) and at least K * 2^levels (K = ``patches_per_side``).
+
+    So the region splits into K^3 equal patches, each a multiple of 2^(levels - 1) (a size the U-Net takes, as a
+    fine-tuning patch) with at least 2 voxels per axis at the bottleneck (what ``PretrainConfig.validate`` asks).
+    """
+    step = patches_per_side * 2 ** (levels - 1)
+    least = patches_per_side * 2**levels
+    shapes = torch.tensor([list(s) for s in case_shapes], dtype=torch.float64)
+    median = shapes.median(dim=0).values.tolist()
+    scale = min(1.0, (budget_voxels / max(math.prod(median), 1.0)) ** (1.0 / 3.0))
+    sides = [max(least, int(m * scale) // step * step) for m in median]
+    return sides[0], sides[1], sides[2]
+
+
+def collate_images(items: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A batch of images (C, D_i, H_i, W_i) of different sizes as a list (no stacking): pretraining's items."""
+    return list(items)
+
+
+def _pad_image_to(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Image (C, D, H, W) padded at the end of each axis shorter than ``size`` with its minimum per channel.
+
+    The values ``_pad_to`` gives, built on the device without reading the minimum back to the host (no sync).
+    """
+    shape = list(image.shape[1:])
+    if all(n >= s for n, s in zip(shape, size)):
+        return image
+    target = [max(n, s) for n, s in zip(shape, size)]
+    low = image.flatten(1).amin(dim=1)  # (C,)
+    out = low.view(-1, 1, 1, 1).expand(image.shape[0], *target).clone()
+    out[:, : shape[0], : shape[1], : shape[2]] = image
+    return out
+
+
+def sample_regions(images: list[torch.Tensor], region: Sequence[int], *, gen: torch.Generator) -> torch.Tensor:
+    """One random region per case: images (C, D_i, H_i, W_i) -> (M, C, *region), in the images' dtype and device.
+
+    Draws from ``gen`` in case order, one start per axis (see the section comment above). The windows are cut by
+    ``index_select`` with the starts left on the device, so a GPU step does not wait for the draw.
+    """
+    out = []
+    for image in images:
+        image = _pad_image_to(image, region)
+        dev = image.device
+        for axis, (n, r) in enumerate(zip(image.shape[1:], region)):
+            start = torch.randint(n - r + 1, (1,), generator=gen, device=dev)  # uniform over the windows inside the case
+            image = image.index_select(axis + 1, start + torch.arange(r, device=dev))
+        out.append(image)
+    return torch.stack(out)
