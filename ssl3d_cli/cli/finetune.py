@@ -21,7 +21,7 @@ from ssl3d_cli.cli.common import (
     run_stage,
 )
 from ssl3d_cli.cli.evaluate import print_table
-from ssl3d_cli.cli.preprocess import resolution_spacing
+from ssl3d_cli.cli.preprocess import SpacingOpt, grid_config
 
 NAME = "finetune"
 HELP = ("Fine-tune the U-Net from a pretrained encoder (or --from-scratch: the baseline) with the weighted soft Dice; "
@@ -52,8 +52,7 @@ def command(
     resolution: Annotated[str | None, typer.Option("--resolution", help="'native': train on patches of a cache at the dataset's "
                                                    "target spacing (pretrain with --resolution native for a matching encoder); "
                                                    "a size: --size.")] = None,
-    spacing: Annotated[str | None, typer.Option("--spacing", help="With --resolution native: target spacing in mm (R,A,S); default "
-                                                "the dataset's median.")] = None,
+    spacing: SpacingOpt = None,
     patch_size: Annotated[str | None, typer.Option("--patch-size", help="Native resolution: training patch D,H,W in voxels (default: "
                                                    "the cases' median shape scaled to at most 128^3 voxels).")] = None,
     foreground_oversampling: Annotated[float, typer.Option("--foreground-oversampling", help="Native resolution: share of patches "
@@ -80,7 +79,7 @@ def command(
     debug: DebugOpt = False,
 ) -> None:
     def body() -> dict:
-        from ssl3d_cli.config import FinetuneConfig, ModelConfig, PreprocessConfig, RuntimeConfig, parse_float_list, parse_int_list, parse_size
+        from ssl3d_cli.config import FinetuneConfig, ModelConfig, RuntimeConfig, parse_float_list, parse_int_list, parse_size
         from ssl3d_cli.errors import ConfigError
         from ssl3d_cli.stages.finetune import finetune
 
@@ -94,8 +93,7 @@ def command(
             checkpoint_every=checkpoint_every, augment=augment, from_scratch=from_scratch, workers=workers, model=model,
             patch_size=parse_size(patch_size, option="--patch-size") if patch_size else None, foreground_oversampling=foreground_oversampling)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed, deterministic=deterministic)
-        grid = resolution if resolution is not None and resolution.strip().lower() != "native" else size
-        preprocess_config = PreprocessConfig(size=parse_size(grid), spacing=resolution_spacing(resolution, spacing))
+        preprocess_config = grid_config(size, resolution, spacing)
         return finetune(dataset, encoder=encoder, config=config, runtime=runtime, preprocess_config=preprocess_config,
                         output=output, resume=resume, split_file=split, cache_root=cache_dir, evaluate_test=test)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -25,6 +25,21 @@ EPILOG = ("Examples: ssl3d preprocess ./Task07_Pancreas --workers 8  |  "
           "ssl3d preprocess ./BraTS2018 --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
 
 SizeOpt = Annotated[str, typer.Option("--size", help="Cache grid: one number or three (D,H,W). The paper: 128.")]
+
+
+SpacingOpt = Annotated[str | None, typer.Option("--spacing", help="With --resolution native: the target spacing in mm along R, A, S "
+                                                "(default: the dataset's median, nnU-Net's rule for anisotropic data).")]
+
+
+def grid_config(size: str, resolution: str | None, spacing: str | None, **settings: Any) -> Any:
+    """``--size`` / ``--resolution`` / ``--spacing`` (and other ``PreprocessConfig`` fields) -> a ``PreprocessConfig``.
+
+    ``--resolution native`` selects the target spacing (``--spacing`` or the dataset's); ``--resolution N`` is ``--size N``.
+    """
+    from ssl3d_cli.config import PreprocessConfig, parse_size
+
+    fixed = resolution if resolution is not None and resolution.strip().lower() != "native" else size
+    return PreprocessConfig(size=parse_size(fixed), spacing=resolution_spacing(resolution, spacing), **settings)
 
 
 def resolution_spacing(resolution: str | None, spacing: str | None) -> tuple[float, float, float] | str | None:
@@ -57,8 +72,7 @@ def command(
     resolution: Annotated[str | None, typer.Option("--resolution", help="'native': resample each crop to a target spacing and keep "
                                                    "its own size (patch training, sliding-window inference); a size (e.g. 128): "
                                                    "the paper's fixed grid, as --size.")] = None,
-    spacing: Annotated[str | None, typer.Option("--spacing", help="With --resolution native: the target spacing in mm along R, A, S "
-                                                "(default: the dataset's median, nnU-Net's rule for anisotropic data).")] = None,
+    spacing: SpacingOpt = None,
     modality: Annotated[str, typer.Option(help="auto | ct | mr (how the foreground and intensities are found).")] = "auto",
     dtype: Annotated[str, typer.Option(help="float16 (half the disk) or float32.")] = "float16",
     workers: Annotated[int, typer.Option(help="Parallel processes.")] = 1,
@@ -73,13 +87,9 @@ def command(
     debug: DebugOpt = False,
 ) -> None:
     def body() -> dict:
-        from ssl3d_cli.config import PreprocessConfig, parse_size
         from ssl3d_cli.stages.preprocess import preprocess
 
-        config = PreprocessConfig(size=parse_size(size), modality=modality, dtype=dtype,
-                                  spacing=resolution_spacing(resolution, spacing))
-        if resolution is not None and resolution.strip().lower() != "native":
-            config = PreprocessConfig(size=parse_size(resolution), modality=modality, dtype=dtype)
+        config = grid_config(size, resolution, spacing, modality=modality, dtype=dtype)
         return preprocess(dataset, config=config, cache_dir=output, cache_root=cache_dir, workers=workers,
                           shard=shard, skip_bad=skip_bad, verify=verify).to_dict()
 

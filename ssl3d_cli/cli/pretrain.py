@@ -20,7 +20,7 @@ from ssl3d_cli.cli.common import (
     VerboseOpt,
     run_stage,
 )
-from ssl3d_cli.cli.preprocess import resolution_spacing
+from ssl3d_cli.cli.preprocess import SpacingOpt, grid_config
 
 NAME = "pretrain"
 HELP = ("3D SimCLR pretraining of the U-Net encoder on every scan (labelled or not): non-overlapping 3D patches, "
@@ -43,8 +43,7 @@ def command(
     resolution: Annotated[str | None, typer.Option("--resolution", help="'native': pretrain on a cache at the dataset's target "
                                                    "spacing, one random region per scan and step split into the K^3 patches; "
                                                    "a size: --size.")] = None,
-    spacing: Annotated[str | None, typer.Option("--spacing", help="With --resolution native: target spacing in mm (R,A,S); default "
-                                                "the dataset's median.")] = None,
+    spacing: SpacingOpt = None,
     region_size: Annotated[str | None, typer.Option("--region-size", help="Native resolution: region D,H,W in voxels cut from each "
                                                     "scan per step, each side a multiple of K x 2^(levels-1) (default: the scans' "
                                                     "median shape scaled to at most 128^3 voxels).")] = None,
@@ -74,7 +73,7 @@ def command(
     debug: DebugOpt = False,
 ) -> None:
     def body() -> dict:
-        from ssl3d_cli.config import ModelConfig, PreprocessConfig, PretrainConfig, RuntimeConfig, parse_int_list, parse_size
+        from ssl3d_cli.config import ModelConfig, PretrainConfig, RuntimeConfig, parse_int_list, parse_size
         from ssl3d_cli.stages.pretrain import pretrain
 
         model = ModelConfig(widths=parse_int_list(widths, option="--widths"), dropout_encoder=dropout, projection_dim=projection_dim)
@@ -83,8 +82,7 @@ def command(
             augmentations=tuple(a.strip() for a in augmentations.split(",") if a.strip()), learning_rate=lr, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, checkpoint_every=checkpoint_every, steps_per_epoch=steps_per_epoch, workers=workers, model=model)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed, deterministic=deterministic)
-        grid = resolution if resolution is not None and resolution.strip().lower() != "native" else size
-        preprocess_config = PreprocessConfig(size=parse_size(grid), spacing=resolution_spacing(resolution, spacing))
+        preprocess_config = grid_config(size, resolution, spacing)
         return pretrain(dataset, config=config, runtime=runtime, preprocess_config=preprocess_config, output=output, resume=resume,
                         cache_root=cache_dir, region_size=parse_size(region_size, option="--region-size") if region_size else None)
 
