@@ -67,3 +67,21 @@ def test_experiment_mc_dropout_reuses_models_and_covers_every_vote_rule(ct_datas
     r = runner.invoke(app, ["experiment", "mc-dropout", str(ct_dataset), "-o", str(tmp_path / "exp"), "--collect", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["rows"] == res["rows"]
+
+
+def test_experiment_at_native_resolution(ct_dataset, tmp_path):
+    """``--resolution native`` passes through: native cache, patch pretraining and fine-tuning, sliding-window test
+    predictions; the record says so, and a fixed-grid rerun into the folder is refused."""
+    native = replace(TINY, native=True)
+    result = experiment("label-fractions", ct_dataset, output=tmp_path / "exp", fractions=(1.0,), runtime=RuntimeConfig(device="cpu"),
+                        settings=native)
+    assert result["rows"] == 2
+    record = json.loads((tmp_path / "exp" / "experiment.json").read_text())
+    assert record["settings"]["native"] is True
+    model = next((tmp_path / "exp").rglob("model.pt"))
+    import torch
+
+    assert torch.load(model, map_location="cpu", weights_only=False)["training"]["patch_size"]
+    with pytest.raises(ConfigError, match="native"):
+        experiment("label-fractions", ct_dataset, output=tmp_path / "exp", fractions=(1.0,), runtime=RuntimeConfig(device="cpu"), settings=TINY)
+    assert "native" not in Settings.make(True).record()  # fixed-grid folders keep the record they had

@@ -39,6 +39,9 @@ def command(
     fractions: Annotated[str, typer.Option(help="Label fractions.")] = "0.05,0.1,0.25,0.5,1.0",
     repetitions: Annotated[int, typer.Option(help="Seeds per setting (mean and spread in the plots).")] = 1,
     size: Annotated[int | None, typer.Option(help="Cache grid edge in voxels (default: 32 with --quick, else 128).")] = None,
+    resolution: Annotated[str | None, typer.Option("--resolution", help="'native': every run at the dataset's target spacing "
+                                                   "(patch pretraining and fine-tuning, sliding-window inference); default: "
+                                                   "the fixed --size grid.")] = None,
     pretrain_epochs: Annotated[int | None, typer.Option(help="SimCLR epochs (default: 20 with --quick, else 1000).")] = None,
     finetune_epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default: 30 with --quick, else 400).")] = None,
     freeze_epochs: Annotated[int | None, typer.Option(help="Epochs with the encoder frozen (default: 5 with --quick, else 25).")] = None,
@@ -57,10 +60,14 @@ def command(
 ) -> None:
     def body() -> dict:
         from ssl3d_cli.config import RuntimeConfig, parse_float_list
+        from ssl3d_cli.errors import ConfigError
         from ssl3d_cli.stages.experiment import Settings, experiment
 
+        if resolution is not None and resolution.strip().lower() not in ("native", "fixed"):
+            raise ConfigError(f"--resolution {resolution!r}: native, or leave it out for the fixed --size grid")
         settings = Settings.make(quick, size=size, pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
-                                 freeze_epochs=freeze_epochs, mc_samples=mc_samples)
+                                 freeze_epochs=freeze_epochs, mc_samples=mc_samples,
+                                 native=True if resolution is not None and resolution.strip().lower() == "native" else None)
         return experiment(name, dataset, output=output, encoder=encoder, quick=quick, settings=settings,
                           fractions=parse_float_list(fractions, option="--fractions"), repetitions=repetitions, seed=seed,
                           runtime=RuntimeConfig(device=device, threads=threads, seed=seed), shard=shard, collect_only=collect,

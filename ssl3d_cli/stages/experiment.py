@@ -61,6 +61,7 @@ class Settings:
     freeze_epochs: int
     mc_samples: int
     batch_size: int
+    native: bool = False  # issue 15: caches at the dataset's target spacing, patch training, sliding-window inference
 
     @classmethod
     def make(cls, quick: bool, **overrides: Any) -> Settings:
@@ -80,11 +81,22 @@ class Settings:
                 raise ConfigError(f"{flag} {value}: must be at least 1")
         if not 0 <= self.freeze_epochs <= self.finetune_epochs:
             raise ConfigError(f"--freeze-epochs {self.freeze_epochs}: must be in [0, fine-tuning epochs {self.finetune_epochs}]")
-        if self.size % self.patches_per_side or (self.size // self.patches_per_side) % 2 ** (len(self.widths) - 1):
+        if not self.native and (self.size % self.patches_per_side or (self.size // self.patches_per_side) % 2 ** (len(self.widths) - 1)):
             raise ConfigError(f"--size {self.size}: each of the {self.patches_per_side}^3 SimCLR patches must be divisible by "
                               f"{2 ** (len(self.widths) - 1)} (the U-Net's down-sampling); choose a multiple of "
                               f"{self.patches_per_side * 2 ** (len(self.widths) - 1)}")
         return self
+
+    def preprocess_config(self) -> PreprocessConfig:
+        """The cache of these settings: the fixed ``size`` grid, or (``native``) the dataset's target spacing."""
+        return PreprocessConfig(size=(self.size,) * 3, spacing="auto" if self.native else None)
+
+    def record(self) -> dict[str, Any]:
+        """What ``experiment.json`` compares; ``native`` only when set, so folders of fixed-grid runs keep their record."""
+        out = asdict(self)
+        if not self.native:
+            out.pop("native")
+        return out
 
 
 #: Dropout rates (encoder, decoder) every fine-tuned model of the experiments is trained with: the paper's best.
@@ -137,7 +149,7 @@ def _ensure_encoder(dataset: Path, out: Path, s: Settings, runtime: RuntimeConfi
     resume = (out / "pretrain" / "last.pt").exists()
     pretrain(dataset, config=PretrainConfig(epochs=s.pretrain_epochs, patches_per_side=s.patches_per_side, model=ModelConfig(widths=s.widths),
                                             workers=0 if s.size <= 32 else 2, temperature=0.05 if s.size > 32 else 0.1),
-             runtime=runtime, preprocess_config=PreprocessConfig(size=(s.size,) * 3), output=path.parent, resume=resume, cache_root=cache_root)
+             runtime=runtime, preprocess_config=s.preprocess_config(), output=path.parent, resume=resume, cache_root=cache_root)
     return path
 
 
@@ -169,7 +181,7 @@ def _train(dataset: Path, run_dir: Path, *, method: str, fraction: float, seed: 
                             learning_rate=3e-3 if s.size <= 32 else 1e-3, val_fraction=0.2 if s.size <= 32 else 0.1)
     resume = (run_dir / "last.pt").exists()
     result = finetune(dataset, encoder=None if method == "scratch" else encoder, config=config, runtime=RuntimeConfig(**{**runtime.to_dict(), "seed": seed}),
-             preprocess_config=PreprocessConfig(size=(s.size,) * 3), output=run_dir, resume=resume, cache_root=cache_root)
+             preprocess_config=s.preprocess_config(), output=run_dir, resume=resume, cache_root=cache_root)
     table = json.loads((run_dir / "test_metrics.json").read_text())
     table["train_seconds"] = result["seconds"]
     return table
@@ -287,10 +299,10 @@ def experiment(
     if not collect_only:
         from ssl3d_cli import __version__
 
-        _check_record(out.parent, {"version": __version__, "dataset": str(dataset), "settings": asdict(s), "experiments": [name],
+        _check_record(out.parent, {"version": __version__, "dataset": str(dataset), "settings": s.record(), "experiments": [name],
                                    "fractions": sorted(fractions), "seeds": [seed + r for r in range(repetitions)],
                                    "encoder": str(encoder) if encoder else None})
-        cache = ensure_cache(dataset, config=PreprocessConfig(size=(s.size,) * 3), cache_root=cache_root)
+        cache = ensure_cache(dataset, config=s.preprocess_config(), cache_root=cache_root)
         enc = _ensure_encoder(dataset, out.parent, s, runtime, encoder, count > 1, cache_root)
         mine = runs[index::count]
         with progress.task(f"Experiment {name}", total=len(mine)) as bar:
