@@ -26,7 +26,7 @@ CPU = RuntimeConfig(device="cpu", threads=1)
 def test_default_patch_size_keeps_the_median_proportions_within_the_budget():
     assert default_patch_size([(200, 200, 100)] * 3, levels=5) == (160, 160, 80)  # scaled by 0.8: 128^3 voxels at most
     assert default_patch_size([(40, 44, 20), (36, 30, 18), (50, 40, 22)], levels=3) == (40, 40, 20)  # fits: the median itself
-    assert default_patch_size([(5, 5, 3)], levels=3) == (4, 4, 4)  # never below one voxel at the deepest level
+    assert default_patch_size([(5, 5, 3)], levels=3) == (8, 4, 4)  # never a single voxel at the bottleneck
 
 
 def test_sample_patches_are_reproducible_padded_and_centred_on_foreground():
@@ -87,3 +87,35 @@ def test_patch_size_is_refused_on_the_fixed_grid(ct_cache, tmp_path):
     r = runner.invoke(app, ["finetune", str(ct_cache), "--from-scratch", "--epochs", "1", "--patch-size", "16,16,8", "--widths", "4,8",
                             "--device", "cpu", "--no-progress", "-o", str(tmp_path / "r")])
     assert r.exit_code == 2 and "--patch-size 16,16,8: only for a native-resolution cache" in r.output
+
+
+def test_native_refusals_in_one_line(native_cache, ct_cache, tmp_path):
+    def run(*args: str):
+        return runner.invoke(app, ["finetune", *args, "--from-scratch", "--epochs", "1", "--device", "cpu", "--no-progress",
+                                   "-o", str(tmp_path / "r")])
+
+    r = run(str(native_cache), "--patch-size", "8,8,8", "--widths", "4,8,16,32")
+    assert r.exit_code == 2 and "--patch-size 8,8,8: leaves one voxel at the U-Net's bottleneck" in r.output
+    r = run(str(ct_cache), "--foreground-oversampling", "0.5", "--widths", "4,8")
+    assert r.exit_code == 2 and "--foreground-oversampling 0.5: only for a native-resolution cache" in r.output
+    r = run(str(ct_cache), "--resolution", "native", "--widths", "4,8")
+    assert r.exit_code == 2 and "a fixed-grid cache" in r.output and "--resolution native was asked" in r.output
+
+
+def test_pretraining_region_of_mostly_padding_is_refused():
+    """Thin scans (22 slices) and K = 2 patches of at least 32 voxels: a 64-slice region would make half the SimCLR
+    patches padding only."""
+    from ssl3d_cli.config import PretrainConfig
+    from ssl3d_cli.errors import ConfigError
+    from ssl3d_cli.stages.pretrain import native_region_size
+
+    class Cases:  # what native_region_size reads of a cache
+        case_ids = ["a", "b", "c"]
+
+        def record(self, case_id: str) -> dict:
+            return {"geometry": {"size": [256, 256, 22]}}
+
+    config = PretrainConfig(patches_per_side=2)  # default widths: 5 levels
+    with pytest.raises(ConfigError, match="exceeds the median scan .256x256x22. by a whole patch along S"):
+        native_region_size(Cases(), config, None)
+    assert native_region_size(Cases(), PretrainConfig(patches_per_side=1), (128, 128, 32)) == (128, 128, 32)

@@ -90,7 +90,7 @@ def test_preprocess_cli_native_uses_the_dataset_target_spacing(tmp_path):
     r = runner.invoke(app, ["preprocess", str(data), "--resolution", "native", "--cache-dir", str(tmp_path / "c"), "--json", "--no-progress"])
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
-    expected = target_spacing([(0.7, 0.7, 2.5), (0.8, 0.8, 5.0), (0.9, 0.9, 5.0)])
+    expected = target_spacing([(0.7, 0.7, 2.5), (0.8, 0.8, 5.0), (0.9, 0.9, 5.0)], [(40, 36, 12)] * 3)
     assert result["spacing_mm"] == pytest.approx(expected)
     cache = Path(result["cache_dir"])
     manifest = json.loads((cache / "manifest.json").read_text())

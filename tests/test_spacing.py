@@ -35,24 +35,40 @@ def test_canonical_spacing_of_the_real_scans_is_nibabels(name, real_dir):
 
 def test_target_spacing_is_the_median_per_axis():
     spacings = [(0.7, 0.8, 1.0), (0.9, 0.6, 1.2), (0.8, 0.7, 1.1), (1.0, 0.9, 1.5)]
-    assert target_spacing(spacings) == pytest.approx((0.85, 0.75, 1.15))
+    assert target_spacing(spacings, [(200, 200, 150)] * 4) == pytest.approx((0.85, 0.75, 1.15))
 
 
 def test_target_spacing_keeps_more_slices_on_anisotropic_data():
-    """Median slice thickness 5 mm > 3 x 0.8 mm: the coarse axis takes its 10th percentile (nnU-Net's rule)."""
+    """Median slice thickness 5 mm > 3 x 0.8 mm and 40 x 3 slices < 512 voxels: the coarse axis takes its 10th
+    percentile (nnU-Net v2's rule)."""
     thick = [1.0, 2.5, 5.0, 5.0, 5.0, 5.0, 6.0]
     spacings = [(0.8, 0.8, t) for t in thick]
+    shapes = [(512, 512, 40)] * len(thick)
     expected_coarse = float(np.percentile(thick, 10))
-    assert target_spacing(spacings) == pytest.approx((0.8, 0.8, expected_coarse))
+    assert target_spacing(spacings, shapes) == pytest.approx((0.8, 0.8, expected_coarse))
     assert expected_coarse < 5.0
-    assert target_spacing(spacings, anisotropy_ratio=10.0) == pytest.approx((0.8, 0.8, 5.0))  # below the ratio: the median
+    assert target_spacing(spacings, shapes, anisotropy_ratio=10.0) == pytest.approx((0.8, 0.8, 5.0))  # below the ratio: the median
+    # anisotropic spacing but not anisotropic voxel counts (200 slices x 3 > 512): the median
+    assert target_spacing(spacings, [(512, 512, 200)] * len(thick)) == pytest.approx((0.8, 0.8, 5.0))
+
+
+def test_target_spacing_matches_nnunet_on_mixed_cohorts():
+    """Cases where comparing with the finest axis (rather than the largest other) or an unguarded percentile would
+    differ from nnU-Net: (a) in-plane 0.7 x 1.0 and slices 2.5 mm: 2.5 < 3 x 1.0, so not anisotropic: the median;
+    (b) a few isotropic 0.5 mm scans in a 5 mm cohort: the 10th percentile 0.5 is raised to just above 0.8."""
+    a = [(0.7, 1.0, 2.5)] * 8 + [(0.7, 1.0, 1.25)] * 2
+    assert target_spacing(a, [(512, 512, 60)] * 10) == pytest.approx((0.7, 1.0, 2.5))
+    b = [(0.8, 0.8, 5.0)] * 8 + [(0.5, 0.5, 0.5)] * 2
+    assert target_spacing(b, [(512, 512, 40)] * 8 + [(300, 300, 300)] * 2) == pytest.approx((0.8, 0.8, 0.80001))
 
 
 def test_target_spacing_refuses_bad_input():
     with pytest.raises(ValueError, match="no scans"):
-        target_spacing([])
+        target_spacing([], [])
     with pytest.raises(ValueError, match="finite and > 0"):
-        target_spacing([(1.0, 0.0, 1.0)])
+        target_spacing([(1.0, 0.0, 1.0)], [(10, 10, 10)])
+    with pytest.raises(ValueError, match="1 spacings but 2 shapes"):
+        target_spacing([(1.0, 1.0, 1.0)], [(10, 10, 10)] * 2)
 
 
 def test_native_size_keeps_the_extent_in_millimetres():

@@ -1,11 +1,14 @@
 """Target spacing of a dataset for the native-resolution mode (issue 15), nnU-Net's rule.
 
-Spacings are per axis of the canonical (RAS) voxel order, so scans stored in different orientations are compared axis
-by axis as they will be resampled. The target is the per-axis median over the dataset's scans, except on strongly
-anisotropic data: when the coarsest median axis is more than ``ANISOTROPY_RATIO`` times the finest, that axis takes the
-10th percentile of its spacings instead (nnU-Net's choice), so a cohort of thick-slice scans is not resampled to the
-thickest slices of a few of them and loses fewer slices. The size of a case's cache grid is then its crop box's extent
-in millimetres over the target spacing, per axis (:func:`native_size`).
+Spacings and shapes are per axis of the canonical (RAS) voxel order, so scans stored in different orientations are
+compared axis by axis as they will be resampled. The target is the per-axis median over the dataset's scans, except
+on strongly anisotropic data, as nnU-Net (v2, ``determine_fullres_target_spacing``) decides it: when the coarsest
+median spacing is more than ``ANISOTROPY_RATIO`` times the largest of the other two AND that axis' median voxel count
+times ``ANISOTROPY_RATIO`` is below the smaller of the other two counts, the coarse axis takes the 10th percentile of
+its spacings (kept above the largest other spacing), so thick-slice cohorts are resampled to the finer of their slice
+thicknesses and lose fewer slices. One difference: nnU-Net's shapes are those after cropping to the nonzero region;
+ssl3d passes the whole scans' shapes (the crop is not known before preprocessing). The size of a case's cache grid is
+its crop box's extent in millimetres over the target spacing, per axis (:func:`native_size`).
 
 This module imports neither torch nor nibabel.
 """
@@ -41,22 +44,34 @@ def canonical_spacing(affine: np.ndarray) -> Spacing:
     return out[0], out[1], out[2]
 
 
-def target_spacing(spacings: Sequence[Sequence[float]], *, anisotropy_ratio: float = ANISOTROPY_RATIO,
+def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]], *, anisotropy_ratio: float = ANISOTROPY_RATIO,
                    coarse_percentile: float = COARSE_AXIS_PERCENTILE) -> Spacing:
-    """The dataset's target spacing from its scans' canonical spacings (n, 3) in mm (module docstring).
+    """The dataset's target spacing from its scans' canonical spacings (n, 3) in mm and shapes (n, 3) in voxels (module
+    docstring).
 
     Raises:
-        ValueError: no spacings, a non-positive or non-finite one.
+        ValueError: no spacings, a non-positive or non-finite one, or shapes that do not match them.
     """
     values = np.asarray(spacings, dtype=np.float64).reshape(-1, 3)
+    sizes = np.asarray(shapes, dtype=np.float64).reshape(-1, 3)
     if values.shape[0] == 0:
         raise ValueError("target_spacing: no scans")
+    if sizes.shape != values.shape:
+        raise ValueError(f"target_spacing: {values.shape[0]} spacings but {sizes.shape[0]} shapes")
     if not (np.isfinite(values).all() and (values > 0).all()):
         raise ValueError(f"target_spacing: spacings must be finite and > 0, got {values[~(np.isfinite(values) & (values > 0)).all(1)][0]}")
     target = np.median(values, axis=0)
+    median_size = np.median(sizes, axis=0)
     coarse = int(np.argmax(target))
-    if target[coarse] > anisotropy_ratio * float(np.min(target)):
-        target[coarse] = np.percentile(values[:, coarse], coarse_percentile)
+    others = [a for a in range(3) if a != coarse]
+    largest_other = float(max(target[a] for a in others))
+    anisotropic_spacing = target[coarse] > anisotropy_ratio * largest_other
+    anisotropic_voxels = median_size[coarse] * anisotropy_ratio < min(median_size[a] for a in others)
+    if anisotropic_spacing and anisotropic_voxels:
+        chosen = float(np.percentile(values[:, coarse], coarse_percentile))
+        if chosen < largest_other:  # never finer than the in-plane spacing (nnU-Net's guard)
+            chosen = largest_other + 1e-5
+        target[coarse] = chosen
     return float(target[0]), float(target[1]), float(target[2])
 
 

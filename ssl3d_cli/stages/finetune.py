@@ -109,6 +109,9 @@ def native_patch_config(cache: Cache, config: FinetuneConfig) -> FinetuneConfig:
         [cache.record(cid)["geometry"]["size"] for cid in cache.case_ids], levels)
     if any(p % factor for p in patch):
         raise ConfigError(f"--patch-size {','.join(map(str, patch))}: each side must be a multiple of {factor} for {levels} U-Net levels")
+    if all(p == factor for p in patch):  # instance norm cannot train on the single bottleneck voxel this leaves
+        raise ConfigError(f"--patch-size {','.join(map(str, patch))}: leaves one voxel at the U-Net's bottleneck; make a side at "
+                          f"least {2 * factor}")
     log.info("Native resolution: training on %s patches (%.0f%% centred on foreground), validating by sliding window",
              "x".join(map(str, patch)), 100 * config.foreground_oversampling)
     return replace(config, patch_size=patch)  # type: ignore[arg-type]
@@ -148,11 +151,11 @@ class SegmentationRecipe(Recipe):
         self.model = model.to(ctx.device)
         self.dataset = CacheCases(cache, split["train"], labels=True)
         self.patch = tuple(config.patch_size) if config.patch_size is not None else None  # a native cache: patch training
+        self.state = {"best": -1.0, "best_epoch": 0}
+        self.oom_hint = f"lower --batch-size (now {config.batch_size}) or --size on {ctx.device}"
         if self.patch is not None:
             self.collate = collate_cases  # cases of different sizes: patches are cut in step()
             self.oom_hint = f"lower --batch-size (now {config.batch_size}) or --patch-size (now {','.join(map(str, self.patch))}) on {ctx.device}"
-        self.state = {"best": -1.0, "best_epoch": 0}
-        self.oom_hint = f"lower --batch-size (now {config.batch_size}) or --size on {ctx.device}"
         self.weights = torch.tensor(config.class_weights, dtype=torch.float32, device=ctx.device) if config.class_weights else None
         self.loss_fn = dice_ce_loss if config.loss == "dice-ce" else soft_dice_loss
         self.val_cases = load_validation_cases(cache, split["val"]) if ctx.dist.is_main else []
@@ -246,9 +249,11 @@ def finetune(
         config = native_patch_config(cache, config)
     elif any(s % (min_size // 2) or s < min_size for s in data.size):
         raise ConfigError(f"--size {data.size}: must be a multiple of {min_size // 2} and at least {min_size} for {len(config.model.widths)} levels")
-    elif config.patch_size is not None:
-        raise ConfigError(f"--patch-size {','.join(map(str, config.patch_size))}: only for a native-resolution cache "
-                          f"(preprocess --resolution native); {cache.root} holds the fixed {data.size} grid")
+    elif config.patch_size is not None or config.foreground_oversampling != FinetuneConfig.foreground_oversampling:
+        flag = (f"--patch-size {','.join(map(str, config.patch_size))}" if config.patch_size is not None
+                else f"--foreground-oversampling {config.foreground_oversampling:g}")
+        raise ConfigError(f"{flag}: only for a native-resolution cache (--resolution native); {cache.root} holds the fixed "
+                          f"{'x'.join(map(str, data.size))} grid")
     encoder_path = None if config.from_scratch else Path(encoder) if encoder else find_encoder(data.name)
     if encoder_path:
         log.info("Encoder: %s", encoder_path)

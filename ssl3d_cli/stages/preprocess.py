@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 from ssl3d_cli.config import PreprocessConfig
@@ -18,7 +19,7 @@ from ssl3d_cli.data.nifti import load_label, load_scan, read_grid, read_label_va
 from ssl3d_cli.data.preprocessing import map_labels, preprocess_arrays
 from ssl3d_cli.data.shards import parse_shard
 from ssl3d_cli.data.spacing import canonical_spacing, target_spacing
-from ssl3d_cli.errors import InputDataError, Ssl3dError
+from ssl3d_cli.errors import ConfigError, InputDataError, Ssl3dError
 from ssl3d_cli.files import atomic_save_npy, atomic_write_json, check_writable
 from ssl3d_cli.runtime import progress
 
@@ -47,11 +48,31 @@ class PreprocessResult:
         return out
 
 
-def dataset_target_spacing(spec: DatasetSpec) -> tuple[float, float, float]:
-    """The native-resolution target spacing of a dataset: nnU-Net's rule over its scans' canonical spacings
-    (``data.spacing.target_spacing``; a NIfTI's header alone is read, other formats whole)."""
-    spacings = [canonical_spacing(read_grid(case.image_paths[0]).affine) for case in spec.cases]
-    return target_spacing(spacings)
+def dataset_target_spacing(spec: DatasetSpec, *, skip_bad: bool = False) -> tuple[float, float, float]:
+    """The native-resolution target spacing of a dataset: nnU-Net's rule over its scans' canonical spacings and shapes
+    (``data.spacing.target_spacing``; a NIfTI's header alone is read, other formats whole).
+
+    Raises:
+        Ssl3dError: an unreadable scan (with ``skip_bad`` it is left out of the statistics; the case itself fails later).
+    """
+    spacings, shapes = [], []
+    for case in spec.cases:
+        try:
+            grid = read_grid(case.image_paths[0])
+        except Ssl3dError as exc:
+            if not skip_bad:
+                raise
+            log.warning("case %s: left out of the target spacing (%s)", case.case_id, exc)
+            continue
+        ornt = nib.orientations.io_orientation(grid.affine)  # voxel axis i -> canonical axis ornt[i, 0]
+        canonical_shape = [0, 0, 0]
+        for axis, (world, _) in enumerate(ornt):
+            canonical_shape[int(world)] = int(grid.shape[axis])
+        spacings.append(canonical_spacing(grid.affine))
+        shapes.append(canonical_shape)
+    if not spacings:
+        raise InputDataError(f"{spec.root}: no readable scan to compute a target spacing from")
+    return target_spacing(spacings, shapes)
 
 
 def resolve_modality(spec: DatasetSpec, config: PreprocessConfig) -> str:
@@ -188,7 +209,7 @@ def preprocess(
             raise InputDataError(f"{spec.root}: --verify found {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     modality = resolve_modality(spec, config)
     if config.spacing == "auto":
-        config = replace(config, spacing=dataset_target_spacing(spec))
+        config = replace(config, spacing=dataset_target_spacing(spec, skip_bad=skip_bad))
         log.info("Target spacing of %s: %s mm (R, A, S), from its %d scans", spec.name, " x ".join(f"{v:.3g}" for v in config.spacing),
                  len(spec.cases))
     out = Path(cache_dir) if cache_dir else cache_dir_for(spec.root, config.hash(), cache_root)
@@ -255,6 +276,9 @@ def ensure_cache(source: Path | str, *, config: PreprocessConfig | None = None, 
     source = Path(source).expanduser()
     if (source / "manifest.json").exists():
         cache = Cache(source)
+        if config is not None and config.native and not cache.dataset.preprocess_config().native:
+            raise ConfigError(f"{source}: a fixed-grid cache ({'x'.join(map(str, cache.dataset.size))}), but --resolution native was "
+                              "asked; give the dataset folder (it is preprocessed at native resolution on demand) or a native cache")
     else:
         result = preprocess(source, config=config, cache_root=cache_root, workers=workers)
         cache = Cache(result.cache_dir)

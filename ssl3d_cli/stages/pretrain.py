@@ -106,6 +106,14 @@ def native_region_size(cache: Cache, config: PretrainConfig, region_size: Sequen
     if any(r // k < 2**levels for r in region):  # the bottleneck keeps at least 2 voxels per axis, as on the fixed grid
         raise ConfigError(f"--region-size {text}: patches of {[r // k for r in region]} are too small for {levels} U-Net levels "
                           f"(at least {2**levels} per side); use a larger --region-size, fewer --patches-per-side or fewer --widths")
+    median = [sorted(int(cache.record(cid)["geometry"]["size"][a]) for cid in cache.case_ids)[len(cache.case_ids) // 2] for a in range(3)]
+    patch = [r // k for r in region]
+    padded = [a for a in range(3) if region[a] - median[a] >= patch[a]]
+    if padded:  # a whole row of the K^3 patches would be padding for a typical scan: near-identical inputs for NT-Xent
+        axes = ", ".join("RAS"[a] for a in padded)
+        raise ConfigError(f"region {text} exceeds the median scan ({'x'.join(map(str, median))}) by a whole patch along {axes}: "
+                          f"{k}^3 patches of {'x'.join(map(str, patch))} would include patches of padding only; use "
+                          "--patches-per-side 1, fewer --widths levels, or a finer --spacing along that axis")
     return region[0], region[1], region[2]
 
 

@@ -24,7 +24,8 @@ DEFAULT_PATCH_VOXELS = 128**3
 
 def default_patch_size(case_shapes: Sequence[Sequence[int]], levels: int, budget_voxels: int = DEFAULT_PATCH_VOXELS) -> tuple[int, int, int]:
     """A patch for cases of these (D, H, W) shapes: the median shape, shrunk by one factor on every axis until it fits
-    ``budget_voxels``, each side rounded down to a multiple of 2^(levels - 1) (at least that).
+    ``budget_voxels``, each side rounded down to a multiple of 2^(levels - 1) (at least that; and the longest axis
+    twice that when every side would be it, so the bottleneck keeps more than one voxel).
 
     Keeping the median shape's proportions gives an anisotropic dataset a flat patch, as nnU-Net does.
     """
@@ -33,6 +34,8 @@ def default_patch_size(case_shapes: Sequence[Sequence[int]], levels: int, budget
     median = shapes.median(dim=0).values.tolist()
     scale = min(1.0, (budget_voxels / max(math.prod(median), 1.0)) ** (1.0 / 3.0))
     sides = [max(factor, int(m * scale) // factor * factor) for m in median]
+    if all(side == factor for side in sides):  # a 1x1x1 bottleneck: instance norm cannot train on a single voxel
+        sides[max(range(3), key=lambda a: median[a])] = 2 * factor
     return sides[0], sides[1], sides[2]
 
 
