@@ -110,3 +110,12 @@ def test_fixed_grid_settings_are_unchanged():
     """The paper's recipe keeps its settings dict (and so every existing cache key and model record)."""
     assert "spacing" not in PreprocessConfig().to_dict()
     assert PreprocessConfig().hash() == "5f31c4b093a7"
+
+
+@pytest.mark.parametrize("command", ["preprocess", "pretrain", "finetune"])
+def test_conflicting_grid_options_are_refused(command, tmp_path):
+    data = _anisotropic_dataset(tmp_path / "scans")
+    r = runner.invoke(app, [command, str(data), "--resolution", "native", "--size", "64", "--no-progress"])
+    assert r.exit_code == 2 and "--size 64 with --resolution native" in r.output
+    r = runner.invoke(app, [command, str(data), "--resolution", "32", "--size", "64", "--no-progress"])
+    assert r.exit_code == 2 and "--resolution 32 and --size 64: two grid sizes" in r.output

@@ -48,7 +48,7 @@ def command(
     dropout_encoder: Annotated[float, typer.Option("--dropout-encoder", help="Encoder dropout while training; MC-dropout prediction samples "
                                                    "at the training rates (the paper's best: 0.3).")] = 0.3,
     dropout_decoder: Annotated[float, typer.Option("--dropout-decoder", help="Decoder dropout while training (the paper's best: 0.0).")] = 0.0,
-    size: Annotated[str, typer.Option("--size", help="Cache grid (128 in the paper).")] = "128",
+    size: Annotated[str | None, typer.Option("--size", help="Cache grid (default, the paper: 128).")] = None,
     resolution: Annotated[str | None, typer.Option("--resolution", help="'native': train on patches of a cache at the dataset's "
                                                    "target spacing (pretrain with --resolution native for a matching encoder); "
                                                    "a size: --size.")] = None,

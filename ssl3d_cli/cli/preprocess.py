@@ -24,21 +24,31 @@ HELP = ("Crop each scan to its foreground (from the image alone), resize to 128^
 EPILOG = ("Examples: ssl3d preprocess ./Task07_Pancreas --workers 8  |  "
           "ssl3d preprocess ./BraTS2018 --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
 
-SizeOpt = Annotated[str, typer.Option("--size", help="Cache grid: one number or three (D,H,W). The paper: 128.")]
+SizeOpt = Annotated[str | None, typer.Option("--size", help="Cache grid: one number or three (D,H,W). Default (the paper): 128.")]
 
 
 SpacingOpt = Annotated[str | None, typer.Option("--spacing", help="With --resolution native: the target spacing in mm along R, A, S "
                                                 "(default: the dataset's median, nnU-Net's rule for anisotropic data).")]
 
 
-def grid_config(size: str, resolution: str | None, spacing: str | None, **settings: Any) -> Any:
+def grid_config(size: str | None, resolution: str | None, spacing: str | None, **settings: Any) -> Any:
     """``--size`` / ``--resolution`` / ``--spacing`` (and other ``PreprocessConfig`` fields) -> a ``PreprocessConfig``.
 
-    ``--resolution native`` selects the target spacing (``--spacing`` or the dataset's); ``--resolution N`` is ``--size N``.
+    ``--resolution native`` selects the target spacing (``--spacing`` or the dataset's); ``--resolution N`` is ``--size N``;
+    neither: ``--size`` (default 128).
+
+    Raises:
+        ConfigError: ``--size`` with ``--resolution native``, or two different sizes.
     """
     from ssl3d_cli.config import PreprocessConfig, parse_size
+    from ssl3d_cli.errors import ConfigError
 
-    fixed = resolution if resolution is not None and resolution.strip().lower() != "native" else size
+    native = resolution is not None and resolution.strip().lower() == "native"
+    if native and size is not None:
+        raise ConfigError(f"--size {size} with --resolution native: a native cache has no fixed grid; leave --size out")
+    if resolution is not None and not native and size is not None and parse_size(resolution) != parse_size(size):
+        raise ConfigError(f"--resolution {resolution} and --size {size}: two grid sizes; give one")
+    fixed = resolution if resolution is not None and not native else size if size is not None else "128"
     return PreprocessConfig(size=parse_size(fixed), spacing=resolution_spacing(resolution, spacing), **settings)
 
 
@@ -68,7 +78,7 @@ def command(
     dataset: Annotated[Path, typer.Argument(help="MSD / nnU-Net / BraTS folder, or a plain folder of scans (NIfTI, NRRD, MetaImage, "
                                             "DICOM series folders).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Exact cache folder (default: keyed by dataset path and settings).")] = None,
-    size: SizeOpt = "128",
+    size: SizeOpt = None,
     resolution: Annotated[str | None, typer.Option("--resolution", help="'native': resample each crop to a target spacing and keep "
                                                    "its own size (patch training, sliding-window inference); a size (e.g. 128): "
                                                    "the paper's fixed grid, as --size.")] = None,

@@ -30,7 +30,7 @@ EPILOG = ("Examples: ssl3d pretrain ./Task07_Pancreas --epochs 1000  |  ssl3d pr
           "ssl3d pretrain ./Task07_Pancreas --resolution native --region-size 128,128,64")
 
 WidthsOpt = Annotated[str, typer.Option("--widths", help="Channels per U-Net level, e.g. 16,32,64,128,256 (same flag on finetune).")]
-SizeOpt = Annotated[str, typer.Option("--size", help="Cache grid the dataset is preprocessed to (128 in the paper).")]
+SizeOpt = Annotated[str | None, typer.Option("--size", help="Cache grid the dataset is preprocessed to (default, the paper: 128).")]
 
 
 def command(
@@ -39,7 +39,7 @@ def command(
     epochs: Annotated[int, typer.Option(help="Epochs (passes over the scans). The paper: 1000.")] = 1000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Scans per step per GPU (M).")] = 4,
     patches_per_side: Annotated[int, typer.Option("--patches-per-side", help="K: each scan is split into K^3 patches (2: 8 of 64^3; 4: 64 of 32^3).")] = 2,
-    size: SizeOpt = "128",
+    size: SizeOpt = None,
     resolution: Annotated[str | None, typer.Option("--resolution", help="'native': pretrain on a cache at the dataset's target "
                                                    "spacing, one random region per scan and step split into the K^3 patches; "
                                                    "a size: --size.")] = None,
