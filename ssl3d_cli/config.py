@@ -284,7 +284,7 @@ class MCConfig:
     vote: str = "majority"
     vote_weights: tuple[float, ...] = ()
     union_classes: tuple[str, ...] = ()
-    mc_batch: int = 0  # 0: chosen from free memory
+    mc_batch: int = 0  # 0: chosen from the model, grid and device (inference.mc.auto_mc_batch)
     seed: int = 0
     compile: str = "auto"  # torch.compile the sampler: auto (on CUDA) | on | off (inference.mc)
 

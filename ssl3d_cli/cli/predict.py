@@ -44,7 +44,8 @@ DropEncOpt = Annotated[float | None, typer.Option("--dropout-encoder", help="Enc
                                                   "model was trained with; another rate is noise injection and is warned about).")]
 DropDecOpt = Annotated[float | None, typer.Option("--dropout-decoder", help="Decoder dropout rate while sampling (default: the model's "
                                                   "training rate).")]
-McBatchOpt = Annotated[int, typer.Option("--mc-batch", help="Samples per forward batch (0: chosen from free memory).")]
+McBatchOpt = Annotated[int, typer.Option("--mc-batch", help="Samples per forward batch (0: from the model, grid and the GPU's total "
+                                         "memory, at most 16). The dropout masks depend on it.")]
 CompileOpt = Annotated[str, typer.Option("--compile", help="torch.compile the MC sampler: auto (on CUDA), on, off. Same dropout "
                                          "masks either way; compiling costs time once per process and batch shape.")]
 ShardOpt = Annotated[str | None, typer.Option("--shard", help="I/N: every N-th input from I (array jobs).")]

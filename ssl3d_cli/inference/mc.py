@@ -19,7 +19,6 @@ torch >= :data:`AUTO_COMPILE_MIN_TORCH`.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import weakref
@@ -55,21 +54,19 @@ def set_mc_mode(model: UNet, *, sampling: bool, encoder: float | None = None, de
                 m.train()
 
 
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 4 * 2**30
+def _device_bytes(device: torch.device) -> int:
+    """The GPU's total memory: not what is free now, so that the batch, and with it which dropout masks each sample
+    draws, is the same on every run on the same kind of GPU whatever else happens to be loaded."""
+    return int(torch.cuda.get_device_properties(device).total_memory)
 
 
 def auto_mc_batch(model: UNet, spatial: tuple[int, int, int], device: torch.device, n_samples: int, bytes_per_value: int = 4) -> int:
-    """Samples per batch: on a GPU from free memory (a rough activation estimate per sample, half of what is
-    free, at most 16: on an H100 at 128^3, N = 96, batches of 8/16/32 took 0.74/0.69/0.69 s and 4.6/9.0/17.7
-    GiB); on a CPU 2, since larger batches bring no speed there (64^3, N = 10, batch 1/2/4/10:
-    8.2/6.8/7.2/7.4 s) but cost memory.
+    """Samples per batch: on a GPU from its memory (a rough activation estimate per sample, half of the total, at most
+    16: on an H100 at 128^3, N = 96, batches of 8/16/32 took 0.74/0.69/0.69 s and 4.6/9.0/17.7 GiB); on a CPU 2, since
+    larger batches bring no speed there (64^3, N = 10, batch 1/2/4/10: 8.2/6.8/7.2/7.4 s) but cost memory.
+
+    The batch size decides how the N samples' dropout masks are drawn, so it depends only on the model, the grid, N
+    and the kind of device (``--mc-batch`` fixes it; an out-of-memory error names that option).
     """
     if device.type != "cuda":
         return max(1, min(n_samples, 2))
@@ -78,7 +75,7 @@ def auto_mc_batch(model: UNet, spatial: tuple[int, int, int], device: torch.devi
     for level, width in enumerate(model.config.widths):
         per_sample += 6 * width * voxels // (8**level)  # encoder + decoder activations and concatenations
     per_sample = per_sample * bytes_per_value + model.num_classes * voxels * 4 * 3
-    return int(max(1, min(n_samples, (_available_bytes(device) // 2) // max(per_sample, 1), 16)))
+    return int(max(1, min(n_samples, (_device_bytes(device) // 2) // max(per_sample, 1), 16)))
 
 
 def compile_wanted(mode: str, device: torch.device) -> bool:
