@@ -109,3 +109,21 @@ def test_slurm_signal_reaching_the_dataloader_workers_still_saves_the_state(ct_c
     assert (run / "last.pt").exists()
     pretrain(ct_cache, config=replace(_config(2), workers=1), runtime=RUNTIME, output=run, resume=True)
     assert _epochs(run) == [1, 2]
+
+
+def test_finetune_resume_compares_the_encoder_by_content(tmp_path):
+    """An encoder copied elsewhere (node-local scratch) resumes; other encoder bytes are refused; a run saved before the
+    hash was recorded still resumes by its path."""
+    from ssl3d_cli.training.run import resume_differences
+
+    base = {"finetune": {"epochs": 4}, "encoder": "/a/encoder.pt", "encoder_sha256": "aa"}
+    moved = {**base, "encoder": "/scratch/encoder.pt"}
+    assert resume_differences(base, moved) == ([], [])
+    diffs, _ = resume_differences(base, {**moved, "encoder_sha256": "bb"})
+    assert diffs and "encoder_sha256" in diffs[0]
+    old = {"finetune": {"epochs": 4}, "encoder": "/a/encoder.pt"}  # saved before encoder_sha256 existed
+    assert resume_differences(old, base) == ([], [])
+    diffs, _ = resume_differences(old, moved)
+    assert diffs and "encoder" in diffs[0]
+    scratch = {"finetune": {"epochs": 4}, "encoder": None, "encoder_sha256": None}  # from scratch, both ways
+    assert resume_differences(scratch, dict(scratch)) == ([], [])

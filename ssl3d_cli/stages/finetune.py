@@ -30,6 +30,7 @@ from ssl3d_cli.inference.sliding_window import sliding_labels, sliding_window_vo
 from ssl3d_cli.losses.dice import dice_ce_loss, soft_dice_loss
 from ssl3d_cli.metrics import dice_per_class_indices
 from ssl3d_cli.models.unet import UNet
+from ssl3d_cli.provenance import file_sha256
 from ssl3d_cli.runs import find_encoder
 from ssl3d_cli.runtime.device import seed_everything
 from ssl3d_cli.runtime.distributed import barrier
@@ -270,7 +271,8 @@ def finetune(
     # the cache's folder is provenance; --resume compares its content fingerprint, so the cache may move or be re-made
     full_config = {"finetune": config.to_dict(), "runtime": runtime.to_dict(), "preprocess": data.preprocess,
                    "cache": str(cache.root), "cache_content": cache.content_fingerprint(),
-                   "encoder": str(encoder_path) if encoder_path else None, "world_size": ctx.dist.world_size,
+                   "encoder": str(encoder_path) if encoder_path else None,
+                   "encoder_sha256": file_sha256(encoder_path) if encoder_path else None, "world_size": ctx.dist.world_size,
                    "split": {k: sorted(v) for k, v in split.items()}}
     t_start = time.perf_counter()
     with TrainingRun("finetune" if encoder_path else "scratch", data.name, config=full_config, output=output, resume=resume,

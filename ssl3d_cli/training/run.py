@@ -73,6 +73,10 @@ CACHE_CONTENT = "cache_content"
 #: Top-level config key of the cache folder: kept in config.json for provenance; compared only for a run saved without
 #: a content fingerprint (before it existed), since a cache may move (node-local scratch) or be re-made between jobs.
 CACHE_PATH = "cache"
+#: Top-level config keys of a fine-tuning run's encoder: its file's SHA-256 is compared on ``--resume`` when both configs
+#: have it, its path only otherwise (an encoder copied to node-local scratch is the same encoder).
+ENCODER_CONTENT = "encoder_sha256"
+ENCODER_PATH = "encoder"
 
 
 class SignalGuard:
@@ -252,7 +256,8 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[
     """(settings that differ, cache content that differs) between a saved run config and the current one.
 
     The cache is compared by its content fingerprint (``CACHE_CONTENT``), not by its folder (``CACHE_PATH``), when both
-    configs have one; a config saved without it falls back to the folder.
+    configs have one; a config saved without it falls back to the folder. Likewise a fine-tuning run's encoder: by its
+    SHA-256 (``ENCODER_CONTENT``) when both have it, else by its path.
     """
     saved, current = dict(saved), dict(current)
     saved_content, current_content = saved.pop(CACHE_CONTENT, None), current.pop(CACHE_CONTENT, None)
@@ -261,6 +266,11 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[
         cache_diffs = content_differences(saved_content, current_content)
         saved.pop(CACHE_PATH, None)
         current.pop(CACHE_PATH, None)
+    if saved.get(ENCODER_CONTENT) is not None and current.get(ENCODER_CONTENT) is not None:
+        saved.pop(ENCODER_PATH, None)  # the same bytes elsewhere are the same encoder; the hashes are compared below
+        current.pop(ENCODER_PATH, None)
+    elif ENCODER_CONTENT not in saved:  # a run saved before the hash was recorded: its path decides, as it did then
+        current.pop(ENCODER_CONTENT, None)
     return config_differences(saved, current, ignore=RESUME_MUTABLE), cache_diffs
 
 
