@@ -6,7 +6,8 @@
 # Env: DEVICE (cuda), SIZE (128), SHAPE ("128 128 64"), MC (100), WIDTHS (16,32,64,128,256), CT_SHAPE (512,512,96),
 #      E2E_CASES (6), BUDGET (seconds for the whole script, 560: a step that would pass it is cut or skipped; each step also
 #      has its own limit below), SKIP ("" or names of steps to skip, e.g. "bench_mc predict"), MC_MODES (mc_dropout.py's
-#      --modes), E2E_PREFETCH (predict_e2e.py's --prefetch list, 1,2).
+#      --modes), E2E_PREFETCH (predict_e2e.py's --prefetch list, 1,2), PRETRAIN_MODES (pretrain.py's --compile list),
+#      PRETRAIN_STEPS (its --steps, 20).
 # A CPU dry run: DEVICE=cpu SIZE=32 SHAPE="32 32 16" MC=4 WIDTHS=4,8 CT_SHAPE=96,96,32 E2E_CASES=2 bash benchmarks/gpu_smoke.sh /tmp/o
 set -uo pipefail
 OUT=${1:-gpu-out}
@@ -38,16 +39,19 @@ t() {  # t NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what is left of BUDGE
   SUMMARY+=("$name rc=$rc ${ms}ms")
   echo "$name rc=$rc ${ms}ms"
 }
+# goal 3: pretraining through the real loop (DataLoader workers, prefetch to the device), augmentation compiled or not,
+# views made a step ahead on the copy stream or (-inline) inside the step
+t bench_pretrain 200 python3 benchmarks/pretrain.py --device $DEVICE --size $SIZE --widths $WIDTHS --patches-per-side 2 --batch-size 4 \
+  --steps ${PRETRAIN_STEPS:-20} --compile ${PRETRAIN_MODES:-auto,auto-inline,off,off-inline}
 # the tests that only run on CUDA (sync-free augmentation and steps, device prefetch, compiled sampler = eager masks)
-t cuda_tests 60 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_pretrain_pipeline.py tests/test_augment.py tests/test_mc_compile.py
+t cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_pretrain_pipeline.py tests/test_augment.py \
+  tests/test_augment_compile.py tests/test_mc_compile.py
 # issue 14 goal 2: MC sampling at SIZE^3, N = MC, against the hand-written batched loop (eager and compiled), same run
 t bench_mc 130 python3 benchmarks/mc_dropout.py --device $DEVICE --sizes $SIZE --samples $MC --widths $WIDTHS --vote borda \
   --modes ${MC_MODES:-ssl3d,ssl3d-compiled,batched,batched-compiled} --repeats 3
 # goal 1: predict end to end on CT-sized scans (sequential, then pipelined with 2 readers)
 t bench_predict_e2e 110 python3 benchmarks/predict_e2e.py --device $DEVICE --cases $E2E_CASES --shape $CT_SHAPE --mc-samples $MC \
   --vote borda --widths $WIDTHS --size $SIZE --modes now --prefetch ${E2E_PREFETCH:-1,2}
-# goal 3: pretraining through the real loop (DataLoader workers, prefetch to the device)
-t bench_pretrain 80 python3 benchmarks/pretrain.py --device $DEVICE --size $SIZE --widths $WIDTHS --patches-per-side 2 --batch-size 4 --steps 10
 # the chain, on the device
 t synth 30 $S synth $W/Task99 --kind ct --cases 16 --unlabelled 4 --shape $SHAPE --json
 t preprocess 40 $S preprocess $W/Task99 --size $SIZE --workers 8 --json

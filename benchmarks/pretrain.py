@@ -1,7 +1,7 @@
 """SimCLR pretraining speed: the real training loop's time per step, and its share outside forward/backward.
 
     python benchmarks/pretrain.py [--device auto] [--size 64] [--patches-per-side 2] [--batch-size 2] [--steps 10]
-        [--epochs 3] [--cases 8] [--workers 4] [--widths 16,32,64,128,256] [--precision auto]
+        [--epochs 3] [--cases 8] [--workers 4] [--widths 16,32,64,128,256] [--precision auto] [--compile auto,off]
 
 Headline: the real ``pretrain`` stage (DataLoader workers, device prefetch, augmentation, forward + backward, AdamW,
 metrics) runs on a synthetic dataset (``--cases`` CT-like scans preprocessed to ``--size``^3) for ``--epochs`` epochs of
@@ -9,7 +9,10 @@ metrics) runs on a synthetic dataset (``--cases`` CT-like scans preprocessed to 
 out (warm-up: cuDNN autotuning, the allocator, worker start-up). Then, in the same process, the compute floor: forward
 + NT-Xent + backward + AdamW step of the same model, precision and batch shape on a batch already on the device,
 synchronised only at the end. ``share_outside_forward_backward`` = 1 - floor / step: the time the loop spends on
-anything but the network's own work (data, augmentation, launches, host waits).
+anything but the network's own work (data, augmentation, launches, host waits). ``--compile`` lists the augmentation
+modes to run the loop (and the diagnostic) with, one after the other in this process (``auto`` compiles on CUDA only);
+a mode ending in ``-inline`` makes each step's views inside the step on the compute stream, as before they were made a
+step ahead on the copy stream (the baseline for that change).
 
 Secondary (``diagnostic``): each step timed in parts with a synchronisation between them (data = cache read +
 transfer, augmentation = two views, forward + backward, loss, optimiser step), on the main process. The
@@ -31,15 +34,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import sync  # noqa: E402
 
 
-def real_loop(cache_dir: Path, run_dir: Path, args: argparse.Namespace, widths: tuple[int, ...]) -> dict[str, Any]:
+class _InlinePrefetcher:
+    """What the loop did before views were prepared ahead: copy and prepare each batch on the compute stream, just
+    before its step (a stand-in for ``training.data.DevicePrefetcher`` with its interface)."""
+
+    def __init__(self, batches: Any, device: Any, prepare: Any = None) -> None:
+        from ssl3d_cli.training.data import DevicePrefetcher
+
+        self._inner = DevicePrefetcher(batches, device, prepare)
+
+    def __iter__(self) -> Any:
+        for index, batch in enumerate(self._inner.batches):
+            yield self._inner._ready(index, batch)
+
+
+def real_loop(cache_dir: Path, run_dir: Path, args: argparse.Namespace, widths: tuple[int, ...], compile_mode: str,
+              inline: bool = False) -> dict[str, Any]:
     """Run the ``pretrain`` stage; seconds per step over the epochs after the first, and the run's summary."""
     from ssl3d_cli.config import ModelConfig, PretrainConfig, RuntimeConfig
     from ssl3d_cli.stages.pretrain import pretrain
+    from ssl3d_cli.training import run as run_module
 
     config = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, patches_per_side=args.patches_per_side,
                             warmup_epochs=1, checkpoint_every=args.epochs, steps_per_epoch=args.steps, workers=args.workers,
-                            model=ModelConfig(widths=widths))
-    summary = pretrain(cache_dir, config=config, runtime=RuntimeConfig(device=args.device, precision=args.precision), output=run_dir)
+                            compile=compile_mode, model=ModelConfig(widths=widths))
+    real_prefetcher = run_module.DevicePrefetcher
+    run_module.DevicePrefetcher = _InlinePrefetcher if inline else real_prefetcher
+    try:
+        summary = pretrain(cache_dir, config=config, runtime=RuntimeConfig(device=args.device, precision=args.precision), output=run_dir)
+    finally:
+        run_module.DevicePrefetcher = real_prefetcher
     lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     steady = lines[1:]  # the first epoch warms up
     seconds = sum(m["seconds"] for m in steady)
@@ -84,14 +108,17 @@ def compute_floor(model: Any, batch: Any, *, steps: int, precision: Any, tempera
     return best
 
 
-def diagnostic_parts(cache: Any, model: Any, *, device: Any, precision: Any, args: argparse.Namespace) -> dict[str, float]:
-    """Seconds per step of each part, synchronised between parts (step 0 warms up and is not counted)."""
+def diagnostic_parts(cache: Any, model: Any, *, device: Any, precision: Any, args: argparse.Namespace, compile_mode: str) -> dict[str, float]:
+    """Seconds per step of each part, synchronised between parts (step 0 warms up, and compiles, and is not counted)."""
     import numpy as np
     import torch
 
-    from ssl3d_cli.augment.simclr import augment_view, split_into_patches
+    from ssl3d_cli.augment.simclr import ViewAugmenter, split_into_patches
     from ssl3d_cli.config import DEFAULT_SIMCLR_AUGMENTATIONS
     from ssl3d_cli.losses.ntxent import nt_xent
+    from ssl3d_cli.runtime.compiling import compile_wanted
+
+    augment = ViewAugmenter(DEFAULT_SIMCLR_AUGMENTATIONS, compile=compile_wanted(compile_mode, device))
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
@@ -114,8 +141,8 @@ def diagnostic_parts(cache: Any, model: Any, *, device: Any, precision: Any, arg
                              for j in range(args.batch_size)]).to(device, non_blocking=True).float()
         t0 = timed("data", t0)
         patches = split_into_patches(batch, args.patches_per_side)
-        v1 = augment_view(patches, augmentations=DEFAULT_SIMCLR_AUGMENTATIONS, gen=gen)
-        v2 = augment_view(patches, augmentations=DEFAULT_SIMCLR_AUGMENTATIONS, gen=gen)
+        v1 = augment(patches, gen)
+        v2 = augment(patches, gen)
         t0 = timed("augment", t0)
         n = patches.shape[0]
         with precision.autocast():
@@ -144,6 +171,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=8, help="synthetic scans (batches wrap around them)")
     ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of the real loop")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--compile", default="auto", help="comma list of augmentation compile modes, each run in turn (auto, on, off; "
+                    "MODE-inline: views made inside each step, not a step ahead)")
     args = ap.parse_args()
     if args.epochs < 2 or args.steps < 1:
         ap.error("need --epochs >= 2 (the first epoch is warm-up) and --steps >= 1")
@@ -171,35 +200,41 @@ def main() -> None:
                             workers=min(8, os.cpu_count() or 1))
         cache = Cache(result.cache_dir)
         setup_s = time.perf_counter() - t0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        loop = real_loop(cache.root, Path(tmp) / "run", args, widths)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         model = SimCLRModel(ModelConfig(widths=widths, in_channels=cache.dataset.num_channels)).to(device).train()
         batch = torch.randn(2 * patches_per_step, cache.dataset.num_channels, patch, patch, patch, device=device)
         floor = compute_floor(model, batch, steps=args.steps, precision=precision)
         del batch
-        parts = diagnostic_parts(cache, model, device=device, precision=precision, args=args)
-    step = loop["seconds_per_step"]
-    total = sum(parts.values())
+        loops = {}
+        for i, mode in enumerate(m.strip() for m in args.compile.split(",")):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            compile_mode = mode.removesuffix("-inline")
+            loop = real_loop(cache.root, Path(tmp) / f"run{i}", args, widths, compile_mode, inline=mode.endswith("-inline"))
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            parts = diagnostic_parts(cache, model, device=device, precision=precision, args=args, compile_mode=compile_mode)
+            step, total = loop["seconds_per_step"], sum(parts.values())
+            loops[mode] = {
+                "augmentation_compiled": loop["summary"]["augmentation_compiled"],
+                "seconds_per_step": round(step, 4),
+                "share_outside_forward_backward": round(1 - floor / step, 4),
+                "patches_per_s": round(patches_per_step / step, 2),
+                "epoch_seconds": loop["epoch_seconds"],
+                "peak_gpu_gib": None if peak is None else round(peak, 2),
+                "diagnostic": {
+                    "seconds_per_step": round(total, 4),
+                    "share_outside_forward_backward": round((total - parts["forward_backward"] - parts["optimizer"]) / total, 4),
+                    "parts_s_per_step": {k: round(v, 4) for k, v in parts.items()},
+                },
+            }
     print(json.dumps({
         "benchmark": "pretrain", "device": describe_device(device), "precision": precision.name, "size": args.size,
         "patch": patch, "patches_per_step": patches_per_step, "widths": list(widths), "cases": args.cases,
         "epochs": args.epochs, "steps_per_epoch": args.steps, "workers": args.workers,
-        "seconds_per_step": round(step, 4),
         "floor_seconds_per_step": round(floor, 4),
-        "share_outside_forward_backward": round(1 - floor / step, 4),
-        "patches_per_s": round(patches_per_step / step, 2),
         "floor_patches_per_s": round(patches_per_step / floor, 2),
-        "epoch_seconds": loop["epoch_seconds"],
-        "peak_gpu_gib": None if peak is None else round(peak, 2),
         "setup_s": round(setup_s, 1),
-        "diagnostic": {
-            "note": "synchronised between parts on the main process (no workers, no overlap): where the time goes, not the loop's speed",
-            "seconds_per_step": round(total, 4),
-            "share_outside_forward_backward": round((total - parts["forward_backward"] - parts["optimizer"]) / total, 4),
-            "parts_s_per_step": {k: round(v, 4) for k, v in parts.items()},
-        },
+        "loops": loops,
+        "diagnostic_note": "synchronised between parts on the main process (no workers, no overlap): where the time goes, not the loop's speed",
     }))
 
 

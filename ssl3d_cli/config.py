@@ -179,10 +179,13 @@ class PretrainConfig:
     checkpoint_every: int = 10
     steps_per_epoch: int = 0  # 0: one pass over the scans
     workers: int = 2
+    compile: str = "auto"  # torch.compile the augmentation's blend pass: auto (on CUDA) | on | off (augment.simclr)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self, size: tuple[int, int, int]) -> PretrainConfig:
         self.model.validate()
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"--compile {self.compile!r}: choose auto, on or off")
         if self.epochs < 1:
             raise ConfigError(f"--epochs {self.epochs}: must be at least 1")
         if self.batch_size < 1:

@@ -115,7 +115,7 @@ def test_native_resume_after_kill_and_after_sigterm_equals_uninterrupted(native_
 
     # SIGTERM at the third step of epoch 1: resumed mid-epoch, the remaining steps cut the same regions
     calls = {"n": 0}
-    real_step = stage.simclr_step_loss
+    real_step = stage.simclr_loss
 
     def signal_on_third_step(*a, **kw):
         calls["n"] += 1
@@ -123,10 +123,10 @@ def test_native_resume_after_kill_and_after_sigterm_equals_uninterrupted(native_
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(*a, **kw)
 
-    monkeypatch.setattr(stage, "simclr_step_loss", signal_on_third_step)
+    monkeypatch.setattr(stage, "simclr_loss", signal_on_third_step)
     with pytest.raises(StopRequested):
         pretrain(native_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "term")
-    monkeypatch.setattr(stage, "simclr_step_loss", real_step)
+    monkeypatch.setattr(stage, "simclr_loss", real_step)
     saved = torch.load(tmp_path / "term" / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (0, 3)
     pretrain(native_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "term", resume=True)

@@ -121,7 +121,7 @@ def test_resume_after_kill_and_after_sigterm_equals_uninterrupted(ct_cache, tmp_
 
     # 2) SIGTERM in the middle of epoch 2: state saved mid-epoch, exit 75, resume equals too
     calls = {"n": 0}
-    real_step = stage.simclr_step_loss
+    real_step = stage.simclr_loss
 
     def signal_on_third_step(*a, **kw):
         calls["n"] += 1
@@ -129,11 +129,11 @@ def test_resume_after_kill_and_after_sigterm_equals_uninterrupted(ct_cache, tmp_
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(*a, **kw)
 
-    monkeypatch.setattr(stage, "simclr_step_loss", signal_on_third_step)
+    monkeypatch.setattr(stage, "simclr_loss", signal_on_third_step)
     with pytest.raises(StopRequested) as info:
         stage.pretrain(ct_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "term")
     assert info.value.exit_code == 75
-    monkeypatch.setattr(stage, "simclr_step_loss", real_step)
+    monkeypatch.setattr(stage, "simclr_loss", real_step)
     saved = torch.load(tmp_path / "term" / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (0, 3)
     stage.pretrain(ct_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "term", resume=True)

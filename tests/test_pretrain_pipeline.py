@@ -34,6 +34,72 @@ def test_prefetcher_keeps_every_batch_in_order_on_cpu():
     assert list(DevicePrefetcher([], torch.device("cpu"))) == []
 
 
+def test_prefetcher_prepares_each_batch_with_its_index_on_cpu():
+    batches = _batches()[:3]
+    seen = []
+
+    def prepare(index, batch):
+        seen.append(index)
+        return batch * 2, index
+
+    out = list(DevicePrefetcher(batches, torch.device("cpu"), prepare=prepare))
+    assert seen == [0, 1, 2] and [i for _, i in out] == [0, 1, 2]
+    assert all(torch.equal(p, 2 * b) for (p, _), b in zip(out, batches))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefetcher_prepares_ahead_on_the_copy_stream_without_races():
+    """prepare (a chain of kernels on the copy stream) runs beside a long step on the compute stream; what the step reads
+    is complete, and its memory is not reused by the next prepare while the step still runs."""
+    dev = torch.device("cuda")
+    batches = [torch.full((4, 1, 32, 32, 32), float(i)).pin_memory() for i in range(5)]
+
+    def prepare(index, batch):
+        out = batch
+        for _ in range(20):  # many kernels: a race would show as a partly written tensor
+            out = out * 1.0 + 0.5
+        return out - 10.0, index
+
+    sums = []
+    for views, index in DevicePrefetcher(batches, dev, prepare=prepare):
+        torch.cuda._sleep(2_000_000)  # the step, long enough for the next prepare to run meanwhile
+        sums.append((index, views.double().sum()))
+    torch.cuda.synchronize()
+    for index, total in sums:
+        assert float(total) == pytest.approx(float(index) * 4 * 32**3, abs=1e-6), index
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pretraining_with_views_prepared_ahead_equals_inline(ct_cache, tmp_path, monkeypatch):
+    """The views made a step ahead on the copy stream are those made inside each step (a race would garble them)."""
+    from ssl3d_cli.training import run as run_module
+
+    stage = importlib.import_module("ssl3d_cli.stages.pretrain")
+    real = stage.simclr_loss
+    config = PretrainConfig(epochs=2, batch_size=2, patches_per_side=2, warmup_epochs=1, checkpoint_every=2, workers=0,
+                            compile="off", model=TINY)
+    runtime = RuntimeConfig(device="cuda", seed=1, deterministic=True)
+    seen: dict[str, list[torch.Tensor]] = {"ahead": [], "inline": []}
+
+    class Inline(DevicePrefetcher):
+        def __iter__(self):  # each batch copied and prepared on the compute stream, just before its step
+            for index, batch in enumerate(self.batches):
+                yield self._ready(index, batch)
+
+    for name in seen:
+        def recording(model, views, _name=name, **kw):
+            seen[_name].append(views.detach().cpu())
+            return real(model, views, **kw)
+
+        monkeypatch.setattr(stage, "simclr_loss", recording)
+        if name == "inline":
+            monkeypatch.setattr(run_module, "DevicePrefetcher", Inline)
+        stage.pretrain(ct_cache, config=config, runtime=runtime, output=tmp_path / name)
+    assert len(seen["ahead"]) == len(seen["inline"]) > 2
+    for a, b in zip(seen["ahead"], seen["inline"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prefetcher_keeps_every_batch_in_order_on_cuda():
     batches = [b.pin_memory() if isinstance(b, torch.Tensor) else tuple(t.pin_memory() for t in b) for b in _batches()]
@@ -84,7 +150,7 @@ def test_step_metrics_equal_the_per_step_float_accumulation_and_survive_a_save()
 
 def test_logged_epoch_metrics_are_the_means_of_the_step_figures(ct_cache, tmp_path, monkeypatch):
     stage = importlib.import_module("ssl3d_cli.stages.pretrain")
-    real = stage.simclr_step_loss
+    real = stage.simclr_loss
     seen: list[tuple[float, float]] = []
 
     def recording(*a, **kw):
@@ -92,7 +158,7 @@ def test_logged_epoch_metrics_are_the_means_of_the_step_figures(ct_cache, tmp_pa
         seen.append((float(loss.detach()), float(acc)))
         return loss, acc
 
-    monkeypatch.setattr(stage, "simclr_step_loss", recording)
+    monkeypatch.setattr(stage, "simclr_loss", recording)
     config = PretrainConfig(epochs=2, batch_size=3, patches_per_side=1, warmup_epochs=1, checkpoint_every=2, workers=0, model=TINY)
     stage.pretrain(ct_cache, config=config, runtime=RUNTIME, output=tmp_path / "run")
     lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

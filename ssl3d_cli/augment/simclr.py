@@ -39,10 +39,18 @@ Parameter ranges (documented in the README):
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import time
 
 import torch
 import torch.nn.functional as F
+
+from ssl3d_cli.errors import ConfigError
+from ssl3d_cli.runtime.compiling import COMPILE_LOCK, failure_reason
+from ssl3d_cli.runtime.device import is_out_of_memory
+
+log = logging.getLogger("ssl3d")
 
 #: Version of how views are drawn; recorded in a pretraining run's config so --resume refuses a run begun under another.
 #: 1: identity vetoed the view with p 0.5 (ssl3d <= 0.1); 2: two options drawn per view, identity one of them;
@@ -63,12 +71,19 @@ def _bcast(v: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def _constant(values: tuple, device: torch.device) -> torch.Tensor:
-    """A small float32 constant on ``device``, copied there once per process (a copy inside a step would synchronise).
+    """A small float32 constant on ``device``, copied there once per process (a copy inside a step would synchronise);
+    inside ``torch.compile`` a constant of the graph instead (the compiled code holds it).
 
     Never modify the result: it is shared.
     """
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    return _cached_constant(values, device)
 
 
 def rotate90(x: torch.Tensor, chosen: torch.Tensor, plane: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
@@ -376,6 +391,47 @@ def apply_transform(name: str, x: torch.Tensor, params: Params, *, blend: bool) 
     return apply_cutout(x, params)
 
 
+View = tuple[dict[str, torch.Tensor], dict[str, Params]]  # (which transforms each sample applies, their parameters)
+
+
+def draw_view(x: torch.Tensor, *, augmentations: tuple[str, ...], gen: torch.Generator, ops: int = 2) -> View:
+    """Every random draw of one view of x (N, C, d, h, w), in the stream order of the module docstring.
+
+    Returns (drawn, params): drawn {option: (N,) bool} (:func:`draw_ops`), params {transform: its parameters for all N
+    samples} for every enabled transform, in :data:`ORDER`.
+    """
+    drawn = draw_ops(x.shape[0], augmentations, gen, x.device, ops)
+    params = {name: draw_params(name, x, gen) for name in ORDER if name in drawn}  # for every sample, chosen or not
+    return drawn, params
+
+
+def blend_view(x: torch.Tensor, drawn: dict[str, torch.Tensor], params: dict[str, Params]) -> torch.Tensor:
+    """The view of x (N, C, d, h, w) that :func:`draw_view`'s draws describe: each transform computed on every sample and
+    kept where chosen. No host synchronisation and no data-dependent branch, so it can run through ``torch.compile``."""
+    out = x
+    for name in ORDER:
+        if name in params:  # torch.where makes a new tensor: x is never written
+            out = torch.where(_bcast(drawn[name]), apply_transform(name, out, params[name], blend=True), out)
+    return out
+
+
+def subset_view(x: torch.Tensor, drawn: dict[str, torch.Tensor], params: dict[str, Params]) -> torch.Tensor:
+    """:func:`blend_view`'s view computed on the chosen samples of each transform only (``index_select``/``index_copy``):
+    less arithmetic, one host synchronisation per transform."""
+    out = x
+    for name in ORDER:
+        if name not in params:
+            continue
+        sel = drawn[name].nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        new = apply_transform(name, out.index_select(0, sel), {k: v.index_select(0, sel) for k, v in params[name].items()}, blend=False)
+        if out is x:  # never write into the caller's tensor
+            out = x.clone()
+        out.index_copy_(0, sel, new)
+    return out
+
+
 def augment_view(x: torch.Tensor, *, augmentations: tuple[str, ...], gen: torch.Generator, ops: int = 2,
                  blend: bool | None = None) -> torch.Tensor:
     """One random composite augmentation per sample of x (N, C, d, h, w); same shape, dtype, device.
@@ -387,24 +443,63 @@ def augment_view(x: torch.Tensor, *, augmentations: tuple[str, ...], gen: torch.
     """
     if blend is None:
         blend = x.device.type != "cpu"
-    drawn = draw_ops(x.shape[0], augmentations, gen, x.device, ops)
-    out = x
-    for name in ORDER:
-        if name not in drawn:
-            continue
-        params = draw_params(name, x, gen)  # for every sample, chosen or not: the stream does not depend on the selection
-        chosen = drawn[name]
-        if blend:
-            out = torch.where(_bcast(chosen), apply_transform(name, out, params, blend=True), out)  # a new tensor: x is never written
-            continue
-        sel = chosen.nonzero().squeeze(1)
-        if sel.numel() == 0:
-            continue
-        new = apply_transform(name, out.index_select(0, sel), {k: v.index_select(0, sel) for k, v in params.items()}, blend=False)
-        if out is x:  # never write into the caller's tensor
-            out = x.clone()
-        out.index_copy_(0, sel, new)
-    return out
+    drawn, params = draw_view(x, augmentations=augmentations, gen=gen, ops=ops)
+    return blend_view(x, drawn, params) if blend else subset_view(x, drawn, params)
+
+
+class ViewAugmenter:
+    """:func:`augment_view` for a training run, with the blend pass optionally through ``torch.compile``.
+
+    The draws stay eager (the random stream is that of :func:`augment_view`); only :func:`blend_view`, a fixed chain of
+    elementwise passes, reductions, two ``grid_sample`` and the blur's convolutions, is compiled: inductor fuses the
+    passes, which on a GPU are memory-bound and otherwise one kernel launch each. One compile per patch shape (a run has
+    one). A compile failure, or more than :data:`MAX_SHAPES` shapes, falls back to the eager blend pass with one warning
+    (``strict``: raises ConfigError instead); the views differ from eager ones by float rounding only.
+
+    Args:
+        compile: compile the blend pass (``runtime.compiling.compile_wanted`` decides it from ``--compile``).
+    """
+
+    MAX_SHAPES = 8
+
+    def __init__(self, augmentations: tuple[str, ...], *, ops: int = 2, compile: bool = False, strict: bool = False) -> None:
+        self.augmentations, self.ops, self.strict = augmentations, ops, strict
+        self.compiled = compile
+        self.compile_seconds = 0.0
+        self._shapes: set[tuple[int, ...]] = set()
+        self._fn = torch.compile(blend_view, dynamic=False) if compile else None
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """One view of x (N, C, d, h, w), drawn from ``gen``."""
+        drawn, params = draw_view(x, augmentations=self.augmentations, gen=gen, ops=self.ops)
+        if not self.compiled:
+            return blend_view(x, drawn, params) if x.device.type != "cpu" else subset_view(x, drawn, params)
+        return self._compiled(x, drawn, params)
+
+    def _compiled(self, x: torch.Tensor, drawn: dict[str, torch.Tensor], params: dict[str, Params]) -> torch.Tensor:
+        import torch._dynamo.config as dynamo_config
+
+        shape = tuple(x.shape)
+        first = shape not in self._shapes
+        t0 = time.perf_counter()
+        try:
+            with COMPILE_LOCK, dynamo_config.patch(recompile_limit=self.MAX_SHAPES, fail_on_recompile_limit_hit=True):
+                out = self._fn(x, drawn, params)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure has the same remedy: the eager pass
+            if is_out_of_memory(exc):
+                raise
+            if self.strict:
+                raise ConfigError(f"--compile on: torch.compile of the SimCLR augmentation failed on {x.device} "
+                                  f"({failure_reason(exc)}); use --compile off") from None
+            log.warning("torch.compile of the SimCLR augmentation failed (%s); augmenting without it (--compile off avoids "
+                        "the attempt)", failure_reason(exc))
+            self.compiled = False
+            return blend_view(x, drawn, params)  # the same draws: only the float rounding differs from a compiled view
+        if first:
+            self._shapes.add(shape)
+            self.compile_seconds += time.perf_counter() - t0
+            log.info("compiled the SimCLR augmentation for patches %s in %.1f s", "x".join(map(str, shape)), time.perf_counter() - t0)
+        return out
 
 
 def split_into_patches(volumes: torch.Tensor, k: int) -> torch.Tensor:

@@ -60,6 +60,8 @@ def command(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save last.pt and encoder.pt every N epochs.")] = 10,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from last.pt (of -o, or the newest run of this dataset).")] = False,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    compile: Annotated[str, typer.Option("--compile", help="torch.compile the augmentation pass: auto (on CUDA), on, off. "
+                                         "Views differ from eager ones by float rounding only.")] = "auto",
     deterministic: Annotated[bool, typer.Option("--deterministic/--no-deterministic", help="Deterministic kernels (slower on GPU).")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -80,7 +82,8 @@ def command(
         config = PretrainConfig(
             epochs=epochs, batch_size=batch_size, patches_per_side=patches_per_side, temperature=temperature, negatives=negatives,
             augmentations=tuple(a.strip() for a in augmentations.split(",") if a.strip()), learning_rate=lr, weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs, checkpoint_every=checkpoint_every, steps_per_epoch=steps_per_epoch, workers=workers, model=model)
+            warmup_epochs=warmup_epochs, checkpoint_every=checkpoint_every, steps_per_epoch=steps_per_epoch, workers=workers, compile=compile,
+            model=model)
         runtime = RuntimeConfig(device=device, precision=precision, threads=threads, seed=seed, deterministic=deterministic)
         preprocess_config = grid_config(size, resolution, spacing)
         return pretrain(dataset, config=config, runtime=runtime, preprocess_config=preprocess_config, output=output, resume=resume,

@@ -13,13 +13,12 @@ the same seed and batch sizes; what differs is float rounding in fused kernels. 
 and compiled variant (batch shape, start of sampling, dropout rates, autocast; see docs/ARCHITECTURE.md's figures); a
 failure to compile, or a variant past :data:`MAX_COMPILED_VARIANTS`, falls back to eager sampling with one warning under
 ``auto`` (from the random state the failed call began with) and is an error under ``on``. ``auto`` compiles only with
-torch >= :data:`AUTO_COMPILE_MIN_TORCH`.
+torch >= :data:`AUTO_COMPILE_MIN_TORCH` (``runtime.compiling``).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -29,19 +28,14 @@ import torch
 
 from ssl3d_cli.errors import ConfigError
 from ssl3d_cli.models.unet import LevelDropout, Prefix, UNet, deterministic_prefix, sample_from_prefix
+from ssl3d_cli.runtime.compiling import COMPILE_LOCK, compile_wanted, failure_reason
 from ssl3d_cli.runtime.device import is_out_of_memory
 
 log = logging.getLogger("ssl3d")
 
-#: ``--compile`` choices.
-COMPILE_MODES = ("auto", "on", "off")
 #: Compiled variants (batch shape x start of sampling x dropout rates x autocast) before compiling is given up: enough
 #: for ``experiment mc-dropout``'s rates and sites in one process (torch's own default, 8, is not).
 MAX_COMPILED_VARIANTS = 64
-#: ``auto`` compiles from this torch version on: older inductor could lay out the dropout input differently under
-#: ``fallback_random`` and so draw other masks than eager (pytorch#174078); 2.11 (CUDA) and 2.13 (CPU) were checked here.
-AUTO_COMPILE_MIN_TORCH = (2, 11)
-_COMPILE_LOCK = threading.Lock()
 
 
 def set_mc_mode(model: UNet, *, sampling: bool, encoder: float | None = None, decoder: float | None = None) -> None:
@@ -76,24 +70,6 @@ def auto_mc_batch(model: UNet, spatial: tuple[int, int, int], device: torch.devi
         per_sample += 6 * width * voxels // (8**level)  # encoder + decoder activations and concatenations
     per_sample = per_sample * bytes_per_value + model.num_classes * voxels * 4 * 3
     return int(max(1, min(n_samples, (_device_bytes(device) // 2) // max(per_sample, 1), 16)))
-
-
-def compile_wanted(mode: str, device: torch.device) -> bool:
-    """Whether ``--compile MODE`` compiles the sampler on ``device`` (``auto``: on CUDA only, where it pays, with torch
-    >= :data:`AUTO_COMPILE_MIN_TORCH`).
-
-    Raises:
-        ConfigError: an unknown mode.
-    """
-    if mode not in COMPILE_MODES:
-        raise ConfigError(f"--compile {mode!r}: choose auto, on or off")
-    return mode == "on" or (mode == "auto" and device.type == "cuda" and torch_version() >= AUTO_COMPILE_MIN_TORCH)
-
-
-def torch_version() -> tuple[int, int]:
-    """(major, minor) of the installed torch."""
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def probabilities_from_prefix(model: UNet, prefix: Prefix, n: int) -> torch.Tensor:
@@ -131,13 +107,13 @@ class CompiledSampler:
         try:
             # one thread at a time: the config patches are process-wide. A variant beyond the recompile limit raises
             # (and falls back below) instead of running eagerly without a word, as torch would by default
-            with _COMPILE_LOCK, inductor_config.patch(fallback_random=True), dynamo_config.patch(
+            with COMPILE_LOCK, inductor_config.patch(fallback_random=True), dynamo_config.patch(
                     recompile_limit=MAX_COMPILED_VARIANTS, fail_on_recompile_limit_hit=True):
                 probs = self._fn(model, prefix, n)  # fallback_random: eager's dropout masks (module docstring)
         except Exception as exc:  # noqa: BLE001 - any compiler failure has the same remedy: run eagerly
             if is_out_of_memory(exc):
                 raise
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            reason = failure_reason(exc)
             if self.strict:
                 raise ConfigError(f"--compile on: torch.compile failed on {device} ({reason}); use --compile off") from None
             log.warning("torch.compile failed (%s); sampling without it (--compile off avoids the attempt)", reason)

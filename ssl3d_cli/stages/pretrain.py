@@ -2,7 +2,9 @@
 
 Recipe per step: M scans -> K^3 non-overlapping patches each (N = M K^3) -> two random composite
 augmentations per patch, batched on the device -> encoder + projection head -> NT-Xent over the 2N
-views (gathered across ranks under torchrun) -> AdamW step, warm-up + cosine schedule.
+views (gathered across ranks under torchrun) -> AdamW step, warm-up + cosine schedule. The views need no model: the
+run makes them one step ahead (``SimCLRRecipe.prepare``), on CUDA on the copy stream beside the previous step's passes,
+with the augmentation's blend pass compiled under ``--compile auto`` on CUDA (``augment.simclr.ViewAugmenter``).
 
 On a native-resolution cache (issue 15) the scans keep their own sizes at the target spacing, so "a scan" of the recipe
 becomes one random region of it, drawn per step with the step's generator (``training.patches.sample_regions``: uniform
@@ -23,12 +25,13 @@ from typing import Any
 import torch
 
 from ssl3d_cli import checkpoints
-from ssl3d_cli.augment.simclr import VIEW_POLICY, augment_view, split_into_patches
+from ssl3d_cli.augment.simclr import VIEW_POLICY, ViewAugmenter, split_into_patches
 from ssl3d_cli.config import PreprocessConfig, PretrainConfig, RuntimeConfig
 from ssl3d_cli.data.cache import Cache
 from ssl3d_cli.errors import ConfigError, InputDataError
 from ssl3d_cli.losses.ntxent import nt_xent
 from ssl3d_cli.models.unet import SimCLRModel
+from ssl3d_cli.runtime.compiling import compile_wanted
 from ssl3d_cli.runtime.device import seed_everything
 from ssl3d_cli.runtime.distributed import DistInfo, all_gather_with_grad
 from ssl3d_cli.stages.preprocess import open_cache_on_all_ranks
@@ -39,6 +42,43 @@ from ssl3d_cli.training.run import Recipe, Schedule, TrainingRun, start_training
 log = logging.getLogger("ssl3d")
 
 
+def simclr_views(volumes: torch.Tensor, *, config: PretrainConfig, gen: torch.Generator,
+                 augment: ViewAugmenter | None = None) -> torch.Tensor:
+    """The two views of every patch of one step: no model involved, so the run prepares them a step ahead.
+
+    Args:
+        volumes: (M, C, D, H, W) this rank's scans, on the device.
+        augment: draws and applies one view (default: ``config.augmentations``, not compiled).
+    Returns:
+        (2n, C, p, p, p) float32, n = M K^3 patches (volume-major): the first views, then the second views.
+    """
+    patches = split_into_patches(volumes.float(), config.patches_per_side)  # (n, C, p, p, p), volume-major
+    augment = augment or ViewAugmenter(config.augmentations)
+    view1 = augment(patches, gen)
+    view2 = augment(patches, gen)
+    return torch.cat([view1, view2])
+
+
+def simclr_loss(model: torch.nn.Module, views: torch.Tensor, *, config: PretrainConfig, precision: Any,
+                dist: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and positive-pair accuracy of one step from :func:`simclr_views`' (2n, C, p, p, p) views.
+
+    Returns:
+        (loss, accuracy): NT-Xent of this rank's anchors against all 2N global views.
+    """
+    n = views.shape[0] // 2
+    k = config.patches_per_side
+    with precision.autocast():
+        z = model(views)
+    z1 = all_gather_with_grad(z[:n].float())
+    z2 = all_gather_with_grad(z[n:].float())
+    groups = None
+    if config.negatives == "volume":
+        groups = torch.arange(z1.shape[0], device=z1.device) // (k**3)
+    rows = slice(dist.rank * n, (dist.rank + 1) * n)
+    return nt_xent(z1, z2, temperature=config.temperature, groups=groups, rows=rows)
+
+
 def simclr_step_loss(
     model: torch.nn.Module,
     volumes: torch.Tensor,
@@ -47,28 +87,11 @@ def simclr_step_loss(
     gen: torch.Generator,
     precision: Any,
     dist: DistInfo,
+    augment: ViewAugmenter | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and positive-pair accuracy of one step.
-
-    Args:
-        volumes: (M, C, D, H, W) this rank's scans, on the device.
-    Returns:
-        (loss, accuracy): NT-Xent of this rank's anchors against all 2N global views.
-    """
-    k = config.patches_per_side
-    patches = split_into_patches(volumes.float(), k)  # (n, C, p, p, p), volume-major
-    n = patches.shape[0]
-    view1 = augment_view(patches, augmentations=config.augmentations, gen=gen)
-    view2 = augment_view(patches, augmentations=config.augmentations, gen=gen)
-    with precision.autocast():
-        z = model(torch.cat([view1, view2]))
-    z1 = all_gather_with_grad(z[:n].float())
-    z2 = all_gather_with_grad(z[n:].float())
-    groups = None
-    if config.negatives == "volume":
-        groups = torch.arange(z1.shape[0], device=z1.device) // (k**3)
-    rows = slice(dist.rank * n, (dist.rank + 1) * n)
-    return nt_xent(z1, z2, temperature=config.temperature, groups=groups, rows=rows)
+    """Loss and positive-pair accuracy of one step from (M, C, D, H, W) scans: :func:`simclr_views`, then :func:`simclr_loss`."""
+    views = simclr_views(volumes, config=config, gen=gen, augment=augment)
+    return simclr_loss(model, views, config=config, precision=precision, dist=dist)
 
 
 Region = tuple[int, int, int]
@@ -146,6 +169,7 @@ class SimCLRRecipe(Recipe):
         self.cache, self.config, self.precision, self.dist, self.run_dir = cache, config, ctx.precision, ctx.dist, run_dir
         self.region = region
         self.model = SimCLRModel(config.model).to(ctx.device)
+        self.augment = ViewAugmenter(config.augmentations, compile=compile_wanted(config.compile, ctx.device), strict=config.compile == "on")
         self.dataset = CacheCases(cache, cache.case_ids)
         self.state = {}
         self.patches_per_step = config.batch_size * config.patches_per_side**3 * ctx.dist.world_size
@@ -156,12 +180,15 @@ class SimCLRRecipe(Recipe):
             self.oom_hint = (f"{self.patches_per_step} patches per step on {ctx.device}: lower --batch-size (now {config.batch_size}) "
                              f"or --region-size (now {','.join(map(str, region))}), or raise --patches-per-side")
 
-    def step(self, model: torch.nn.Module, batch: torch.Tensor | list[torch.Tensor],
-             gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``batch``: (M, C, D, H, W) scans, or (native) a list of M cases (C, D_i, H_i, W_i) -> (M, C, *region)."""
+    def prepare(self, batch: torch.Tensor | list[torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        """``batch``: (M, C, D, H, W) scans, or (native) a list of M cases (C, D_i, H_i, W_i) -> (M, C, *region);
+        returns the step's (2n, C, p, p, p) views (:func:`simclr_views`), made a step ahead on the copy stream."""
         if self.region is not None:  # drawn first from this step's generator, so a resumed step cuts the same regions
             batch = sample_regions(list(batch), self.region, gen=gen)
-        loss, acc = simclr_step_loss(model, batch, config=self.config, gen=gen, precision=self.precision, dist=self.dist)
+        return simclr_views(batch, config=self.config, gen=gen, augment=self.augment)
+
+    def step(self, model: torch.nn.Module, views: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, acc = simclr_loss(model, views, config=self.config, precision=self.precision, dist=self.dist)
         return loss, {"acc": acc}
 
     def epoch_end(self, model: torch.nn.Module, epoch: int, metrics: dict[str, Any], *, steps: int) -> dict[str, Any]:
@@ -245,6 +272,7 @@ def pretrain(
         "seconds": round(time.perf_counter() - t_start, 2),
         "device": str(ctx.device),
         "precision": ctx.precision.name,
+        "augmentation_compiled": recipe.augment.compiled,
     }
     if region is not None:
         result["region_size"] = list(region)

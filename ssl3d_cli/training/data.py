@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -44,40 +44,49 @@ def batch_to_device(batch: Batch, device: torch.device) -> Batch:
     return batch.to(device, non_blocking=True)
 
 
-def _tensors(batch: Batch) -> list[torch.Tensor]:
+def _tensors(batch: Any) -> list[torch.Tensor]:
     if isinstance(batch, (tuple, list)):
         return [t for b in batch for t in _tensors(b)]
-    return [batch]
+    return [batch] if isinstance(batch, torch.Tensor) else []
+
+
+Prepare = Callable[[int, Batch], Any]  # (index of the batch in this pass, the batch on the device) -> what the step gets
 
 
 class DevicePrefetcher:
-    """Batches of an iterable on ``device``, the next one copied while the current step runs.
+    """Batches of an iterable on ``device``, the next one copied (and prepared) while the current step runs.
 
     On CUDA the copy of batch i+1 is queued on a side stream as soon as batch i is handed out, so the host-to-device
-    transfer (from pinned memory) overlaps step i instead of opening step i+1; the compute stream waits for that copy
-    before it uses the batch, and ``record_stream`` tells the caching allocator the batch is used there (its memory
-    is not handed out again while step i+1 may still read it). Elsewhere batches are passed through ``.to(device)``.
-    Order and content are those of the iterable; one batch is read ahead.
+    transfer (from pinned memory) overlaps step i instead of opening step i+1. ``prepare`` (e.g. SimCLR's random views)
+    is queued on the same side stream right after the copy, so its kernels run beside step i's forward and backward
+    passes instead of before step i+1's. The compute stream waits for that stream before it uses what is handed out,
+    and ``record_stream`` tells the caching allocator those tensors are used there (their memory is not handed out
+    again while step i+1 may still read them). Elsewhere batches go through ``.to(device)`` and ``prepare`` in turn.
+    Order and content are those of the iterable; one batch is read (and prepared) ahead.
     """
 
-    def __init__(self, batches: Iterable[Batch], device: torch.device) -> None:
-        self.batches, self.device = batches, device
+    def __init__(self, batches: Iterable[Batch], device: torch.device, prepare: Prepare | None = None) -> None:
+        self.batches, self.device, self.prepare = batches, device, prepare
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _ready(self, index: int, batch: Batch) -> Any:
+        batch = batch_to_device(batch, self.device)
+        return batch if self.prepare is None else self.prepare(index, batch)
+
+    def __iter__(self) -> Iterator[Any]:
         if self.device.type != "cuda":
-            for batch in self.batches:
-                yield batch_to_device(batch, self.device)
+            for index, batch in enumerate(self.batches):
+                yield self._ready(index, batch)
             return
         stream = torch.cuda.Stream(self.device)
         compute = torch.cuda.current_stream(self.device)
-        source = iter(self.batches)
+        source = enumerate(self.batches)
 
-        def copy_next() -> Batch | None:
-            batch = next(source, None)
-            if batch is None:
+        def copy_next() -> Any:
+            item = next(source, None)
+            if item is None:
                 return None
             with torch.cuda.stream(stream):
-                return batch_to_device(batch, self.device)
+                return self._ready(*item)
 
         upcoming = copy_next()
         while upcoming is not None:

@@ -7,10 +7,10 @@ only its :class:`Recipe`: the model, the loss of one step, what happens when an 
 ends (unfreezing, validation, best model) and the artefact it writes at each checkpoint.
 
 Data path: DataLoader workers (kept across epochs) read and pin the batches, :class:`DevicePrefetcher` copies batch
-i+1 to the device while step i runs, and the step figures stay on the device until the epoch ends
-(:class:`StepMetrics`): inside an epoch a single-process bf16/fp32 loop never waits for the GPU, except where a recipe's
-step does. Under torch.distributed the stop-signal check (``any_rank``) and with fp16 the gradient scaler still wait once
-per step.
+i+1 to the device and runs the recipe's ``prepare`` on it (SimCLR: the random views) while step i runs, and the step
+figures stay on the device until the epoch ends (:class:`StepMetrics`): inside an epoch a single-process bf16/fp32
+loop never waits for the GPU, except where a recipe's step does. Under torch.distributed the stop-signal check
+(``any_rank``) and with fp16 the gradient scaler still wait once per step.
 
 Determinism: the batch order of epoch e is a function of (seed, e), the augmentation generator of
 step s of epoch e is seeded from (seed, e, s, rank), and every rank's global RNG state (dropout) is
@@ -25,7 +25,8 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -66,7 +67,7 @@ from ssl3d_cli.training.sampling import EpochBatches, step_generator, warmup_cos
 log = logging.getLogger("ssl3d")
 
 #: Settings that may change between a run and its ``--resume`` (anywhere in the nested config).
-RESUME_MUTABLE = ("epochs", "checkpoint_every", "workers", "device", "threads")
+RESUME_MUTABLE = ("epochs", "checkpoint_every", "workers", "device", "threads", "compile")
 #: Top-level config key of the training cache's content fingerprint (``Cache.content_fingerprint()``): compared by
 #: content on ``--resume``, with :func:`ssl3d_cli.data.cache.content_differences`.
 CACHE_CONTENT = "cache_content"
@@ -135,19 +136,26 @@ def optimisation_step(compute: Callable[[], Any], *, optimizer: Any, scheduler: 
     An out-of-memory error becomes a DeviceError carrying ``oom_hint`` (which option to lower).
     Returns what ``compute`` returned.
     """
-    try:
+    with out_of_memory_hint(oom_hint):
         out = compute()
         loss = out[0] if isinstance(out, tuple) else out
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-    except RuntimeError as exc:
-        if is_out_of_memory(exc):
-            raise DeviceError(f"out of memory; {oom_hint}") from None
-        raise
     scheduler.step()
     return out
+
+
+@contextmanager
+def out_of_memory_hint(hint: str) -> Iterator[None]:
+    """Turn an out-of-memory error inside the block into a DeviceError carrying ``hint`` (which option to lower)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if is_out_of_memory(exc):
+            raise DeviceError(f"out of memory; {hint}") from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -185,8 +193,17 @@ class Recipe:
     shown: tuple[str, ...] = ("loss", "lr")
     collate: Callable[[list[Any]], Any] | None = None
 
+    def prepare(self, batch: Any, gen: torch.Generator) -> Any:
+        """Work on a step's batch (on the device) that needs no model: e.g. random augmentation from ``gen``, the step's
+        generator. Runs one step ahead, on the copy stream on CUDA (:class:`DevicePrefetcher`), so its kernels overlap the
+        previous step's; what it returns is what ``step`` gets. Default: the batch unchanged."""
+        return batch
+
     def step(self, model: torch.nn.Module, batch: Any, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss of one step (to minimise) and other per-step figures to average over the epoch."""
+        """The loss of one step (to minimise) and other per-step figures to average over the epoch.
+
+        ``batch``: what ``prepare`` returned; ``gen``: the step's generator, after ``prepare``'s draws.
+        """
         raise NotImplementedError
 
     def epoch_start(self, epoch: int) -> bool:
@@ -437,6 +454,13 @@ class TrainingRun:
 
     # --- the loop --------------------------------------------------------------------------------
 
+    def _prepare(self, recipe: Recipe, epoch: int, first_step: int, offset: int, batch: Any) -> tuple[Any, torch.Generator]:
+        """``recipe.prepare`` of step ``first_step + offset`` of ``epoch``, with that step's generator (which the step
+        then continues): the draws depend only on (seed, epoch, step, rank), not on when they are made."""
+        gen = step_generator(self.device, self.seed, epoch, first_step + offset, self.dist.rank)
+        with out_of_memory_hint(recipe.oom_hint):
+            return recipe.prepare(batch, gen), gen
+
     def fit(self, recipe: Recipe, schedule: Schedule) -> dict[str, Any]:
         """Train ``recipe.model`` for ``schedule.epochs`` (continuing ``last.pt`` when resuming).
 
@@ -476,7 +500,6 @@ class TrainingRun:
         loader = DataLoader(recipe.dataset, batch_sampler=batches, num_workers=schedule.workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_stop_signals,
                             persistent_workers=schedule.workers > 0, collate_fn=recipe.collate)
-        prefetched = DevicePrefetcher(loader, device)  # batch i+1 is copied to the device while step i runs
         metrics: dict[str, Any] = {}
         wrapped.train()
         with SignalGuard() as guard, progress.task(recipe.description, total=schedule.epochs) as bar:
@@ -487,9 +510,11 @@ class TrainingRun:
                 batches.set_epoch(epoch, start_step)
                 t_epoch, sums = time.perf_counter(), StepMetrics(device, carried)
                 carried = None
-                for offset, batch in enumerate(prefetched):
+                # batch i+1 is copied to the device and prepared while step i runs
+                prefetched = DevicePrefetcher(loader, device, prepare=partial(self._prepare, recipe, epoch, start_step))
+                for offset, (batch, gen) in enumerate(prefetched):
                     step = start_step + offset
-                    compute = partial(recipe.step, wrapped, batch, step_generator(device, self.seed, epoch, step, dist.rank))
+                    compute = partial(recipe.step, wrapped, batch, gen)
                     loss, stats = optimisation_step(compute, optimizer=optimizer, scheduler=scheduler, scaler=scaler, oom_hint=recipe.oom_hint)
                     sums.add({"loss": loss, **stats})
                     if any_rank(guard.requested is not None, device):
