@@ -1,7 +1,7 @@
 """SimCLR augmentation: cost per call and how often the two views of a patch are the same.
 
     python benchmarks/augment.py [--baseline PATH] [--threads 1] [--n 16] [--size 32] [--repeats 40] [--pairs 4000]
-        [--device cpu] [--strategies auto]
+        [--device cpu] [--strategies auto] [--parts]
 
 ``--baseline`` also loads ``augment_view`` from another file (e.g. an older ``simclr.py`` written out with
 ``git show REV:ssl3d_cli/augment/simclr.py > /tmp/old.py``); both are measured the same way, their timed calls
@@ -12,6 +12,11 @@ view 2 of one patch, drawn from one generator as pretraining does) that are bit-
 max abs difference < 1e-3), over ``--pairs`` random 8^3 patches. ``--strategies auto,blend,subset`` measures the
 current implementation once per way of applying the drawn transforms (``augment_view(blend=...)``; auto is the
 device's default: blend off the CPU, subset on it); both give the same views.
+
+``--parts`` instead times each transform of one view (every sample, as the blend pass computes it), the blur as
+grouped convolutions (how it was computed before) beside the batched matrix products it is now, the whole view eager
+and through ``torch.compile`` (``ViewAugmenter``; first call apart), and says how many graphs dynamo makes of the
+view (1 with no graph break): milliseconds, best of ``--repeats``, synchronised.
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=4000)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--strategies", default="auto", help="comma-separated: auto, blend, subset")
+    ap.add_argument("--parts", action="store_true", help="time each transform of a view, eager and compiled")
     args = ap.parse_args()
+    if args.parts:
+        parts(args)
+        return
 
     import torch
 
@@ -88,6 +97,69 @@ def main() -> None:
             "pairs": args.pairs,
         }
         print(json.dumps(record))
+
+
+def _conv_blur(x, sigma, radius: int = 3):  # noqa: ANN001, ANN202 - the blur before: grouped convolutions, one group per sample
+    import torch
+    import torch.nn.functional as F
+
+    n, c = x.shape[:2]
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t[None] / sigma[:, None].float()) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0).to(x.dtype)
+    v = x.reshape(1, n * c, *x.shape[2:])
+    for axis in range(3):
+        shape, pad = [1, 1, 1], [0] * 6
+        shape[axis] = 2 * radius + 1
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        v = F.conv3d(F.pad(v, pad, mode="replicate"), k.view(n * c, 1, *shape), groups=n * c)
+    return v.view_as(x)
+
+
+def parts(args: argparse.Namespace) -> None:
+    """Milliseconds of each part of one view (module docstring)."""
+    import torch
+    import torch._dynamo
+
+    from ssl3d_cli.augment import simclr
+    from ssl3d_cli.config import DEFAULT_SIMCLR_AUGMENTATIONS as AUGS
+
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    x = torch.randn(args.n, 1, args.size, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(dev)
+    drawn, params = simclr.draw_view(x, augmentations=(*AUGS, "cutout"), gen=torch.Generator(device=dev).manual_seed(0))
+
+    def best(fn) -> float:  # noqa: ANN001
+        fn()
+        times = []
+        for _ in range(args.repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1000)
+        return round(min(times), 3)
+
+    out: dict[str, float | int | str] = {}
+    for name in simclr.ORDER:
+        out[name] = best(lambda name=name: simclr.apply_transform(name, x, params[name], blend=True))
+    out["blur (grouped conv3d, before)"] = best(lambda: _conv_blur(x, params["blur"]["sigma"]))
+    out["draws"] = best(lambda: simclr.draw_view(x, augmentations=AUGS, gen=torch.Generator(device=dev).manual_seed(1)))
+    view = {k: v for k, v in params.items() if k in AUGS}
+    out["view eager (blend)"] = best(lambda: simclr.blend_view(x, drawn, view))
+    explained = torch._dynamo.explain(simclr.blend_view)(x, drawn, view)
+    out["dynamo graphs"], out["dynamo graph breaks"] = explained.graph_count, explained.graph_break_count
+    out["break reasons"] = "; ".join(str(b.reason)[:200] for b in explained.break_reasons)
+    torch._dynamo.reset()
+    augment = simclr.ViewAugmenter(AUGS, compile=True)
+    t0 = time.perf_counter()
+    augment(x, torch.Generator(device=dev).manual_seed(2))
+    out["first compiled call s"] = round(time.perf_counter() - t0, 1)
+    out["compiled"] = str(augment.compiled)
+    out["view compiled (draws included)"] = best(lambda: augment(x, torch.Generator(device=dev).manual_seed(3)))
+    print(json.dumps({"benchmark": "augment parts", "device": str(dev), "shape": list(x.shape), "ms": out}))
 
 
 if __name__ == "__main__":

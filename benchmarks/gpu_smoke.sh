@@ -7,7 +7,7 @@
 #      E2E_CASES (6), BUDGET (seconds for the whole script, 560: a step that would pass it is cut or skipped; each step also
 #      has its own limit below), SKIP ("" or names of steps to skip, e.g. "bench_mc predict"), MC_MODES (mc_dropout.py's
 #      --modes), E2E_PREFETCH (predict_e2e.py's --prefetch list, 1,2), PRETRAIN_MODES (pretrain.py's --compile list),
-#      PRETRAIN_STEPS (its --steps, 20).
+#      PRETRAIN_STEPS (its --steps, 50).
 # A CPU dry run: DEVICE=cpu SIZE=32 SHAPE="32 32 16" MC=4 WIDTHS=4,8 CT_SHAPE=96,96,32 E2E_CASES=2 bash benchmarks/gpu_smoke.sh /tmp/o
 set -uo pipefail
 OUT=${1:-gpu-out}
@@ -39,10 +39,12 @@ t() {  # t NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what is left of BUDGE
   SUMMARY+=("$name rc=$rc ${ms}ms")
   echo "$name rc=$rc ${ms}ms"
 }
+# goal 3: where a view's GPU time goes (each transform, eager and compiled, dynamo's graph count)
+t bench_augment 90 python3 benchmarks/augment.py --parts --device $DEVICE --n 32 --size $(( SIZE / 2 )) --repeats 10
 # goal 3: pretraining through the real loop (DataLoader workers, prefetch to the device), augmentation compiled or not,
 # views made a step ahead on the copy stream or (-inline) inside the step
 t bench_pretrain 200 python3 benchmarks/pretrain.py --device $DEVICE --size $SIZE --widths $WIDTHS --patches-per-side 2 --batch-size 4 \
-  --steps ${PRETRAIN_STEPS:-20} --compile ${PRETRAIN_MODES:-auto,auto-inline,off,off-inline}
+  --steps ${PRETRAIN_STEPS:-50} --compile ${PRETRAIN_MODES:-auto,off,off-inline} --profile auto
 # the tests that only run on CUDA (sync-free augmentation and steps, device prefetch, compiled sampler = eager masks)
 t cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_pretrain_pipeline.py tests/test_augment.py \
   tests/test_augment_compile.py tests/test_mc_compile.py

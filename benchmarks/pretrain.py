@@ -159,6 +159,50 @@ def diagnostic_parts(cache: Any, model: Any, *, device: Any, precision: Any, arg
     return {k: v / args.steps for k, v in parts.items()}
 
 
+def profile_steps(cache: Any, model: Any, *, device: Any, precision: Any, args: argparse.Namespace, compile_mode: str,
+                  top: int = 25) -> list[dict[str, Any]]:
+    """The GPU kernels of ``--steps`` steps (views + forward + loss + backward + AdamW, batches already on the device,
+    not synchronised): the ``top`` by GPU time, in milliseconds per step, with calls per step."""
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ssl3d_cli.augment.simclr import ViewAugmenter
+    from ssl3d_cli.config import DEFAULT_SIMCLR_AUGMENTATIONS, PretrainConfig
+    from ssl3d_cli.runtime.compiling import compile_wanted
+    from ssl3d_cli.runtime.distributed import DistInfo
+    from ssl3d_cli.stages.pretrain import simclr_loss, simclr_views
+
+    config = PretrainConfig(batch_size=args.batch_size, patches_per_side=args.patches_per_side)
+    augment = ViewAugmenter(DEFAULT_SIMCLR_AUGMENTATIONS, compile=compile_wanted(compile_mode, device))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = cache.case_ids
+    volumes = torch.stack([torch.from_numpy(np.array(cache.image(ids[j % len(ids)]))) for j in range(args.batch_size)]).to(device)
+
+    def step(i: int) -> None:
+        views = simclr_views(volumes, config=config, gen=torch.Generator(device=device).manual_seed(i), augment=augment)
+        loss, _ = simclr_loss(model, views, config=config, precision=precision, dist=DistInfo())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(3):
+        step(i)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(args.steps):
+            step(i)
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        gpu_us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if gpu_us > 0:
+            rows.append({"kernel": e.key[:120], "ms_per_step": round(gpu_us / 1000 / args.steps, 3), "calls_per_step": round(e.count / args.steps, 1)})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = sum(r["ms_per_step"] for r in rows)
+    return [{"kernel": "(all GPU time)", "ms_per_step": round(total, 3), "calls_per_step": None}, *rows[:top]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="auto")
@@ -171,6 +215,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=8, help="synthetic scans (batches wrap around them)")
     ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of the real loop")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--profile", default="", help="also profile the GPU kernels of a step with this augmentation compile mode")
     ap.add_argument("--compile", default="auto", help="comma list of augmentation compile modes, each run in turn (auto, on, off; "
                     "MODE-inline: views made inside each step, not a step ahead)")
     args = ap.parse_args()
@@ -226,7 +271,9 @@ def main() -> None:
                     "parts_s_per_step": {k: round(v, 4) for k, v in parts.items()},
                 },
             }
+        profiled = profile_steps(cache, model, device=device, precision=precision, args=args, compile_mode=args.profile) if args.profile else None
     print(json.dumps({
+        "profile": profiled,
         "benchmark": "pretrain", "device": describe_device(device), "precision": precision.name, "size": args.size,
         "patch": patch, "patches_per_step": patches_per_step, "widths": list(widths), "cases": args.cases,
         "epochs": args.epochs, "steps_per_epoch": args.steps, "workers": args.workers,

@@ -123,21 +123,33 @@ def _turn_table() -> tuple:
     return tuple(rows)
 
 
+def turn_theta(plane: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """``affine_grid`` matrices (N, 3, 4) float32 of exact turns: ``turns[i]`` (1-3) x 90 degrees in plane ``plane[i]``.
+
+    Integer entries; the same in normalised units (a quarter turn is drawn only in a square plane, a half turn is a
+    negation)."""
+    rot = _constant(_turn_table(), plane.device)[plane * 3 + turns - 1]  # (N, 3, 3)
+    return torch.cat([rot, rot.new_zeros(rot.shape[0], 3, 1)], dim=2)
+
+
+def grid_rotate(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
+    """x (N, C, d, h, w) resampled on ``affine_grid(theta)`` (N, 3, 4), border padding; one ``grid_sample`` call.
+
+    The grid in float32 whatever x's dtype: in bfloat16 voxel coordinates of 96+ voxels round by more than half a voxel.
+    """
+    grid = F.affine_grid(theta.float(), list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode=mode, padding_mode="border", align_corners=False).to(x.dtype)
+
+
 def rotate90_grid(x: torch.Tensor, plane: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Every sample turned ``turns[i]`` (1-3) x 90 degrees in plane ``plane[i]``, bit for bit what ``torch.rot90`` gives.
 
-    One nearest-neighbour ``grid_sample`` with exact integer matrices: each output voxel centre lands on an input voxel
-    centre (up to rounding far below half a voxel), so values are copied, never interpolated. No host synchronisation.
-    Odd turns in a plane with unequal sides are not checked here (:func:`draw_rotation` never draws them).
+    One nearest-neighbour ``grid_sample`` with exact integer matrices (:func:`turn_theta`): each output voxel centre
+    lands on an input voxel centre (up to rounding far below half a voxel), so values are copied, never interpolated.
+    No host synchronisation. Odd turns in a plane with unequal sides are not checked here (:func:`draw_rotation` never
+    draws them).
     """
-    n = x.shape[0]
-    table = _constant(_turn_table(), x.device)  # (9, 3, 3)
-    # (n, 3, 3); the same in normalised units: a quarter turn is drawn only in a square plane, a half turn is a negation
-    rot = table[plane * 3 + turns - 1]
-    theta = torch.cat([rot, rot.new_zeros(n, 3, 1)], dim=2)
-    # the grid in float32 whatever x's dtype: in bfloat16 voxel coordinates of 96+ voxels round by more than half a voxel
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="border", align_corners=False).to(x.dtype)
+    return grid_rotate(x, turn_theta(plane, turns), "nearest")
 
 
 def _rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
@@ -150,28 +162,34 @@ def _rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
     return rz @ ry @ rx
 
 
-def rotate_arbitrary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate each sample rigidly (in voxel units) about its centre by ``angles`` (N, 3) radians; one grid_sample call.
+def free_theta(angles: torch.Tensor, spatial: tuple[int, int, int]) -> torch.Tensor:
+    """``affine_grid`` matrices (N, 3, 4) float32 of rigid rotations (in voxel units) by ``angles`` (N, 3) radians about
+    the w, h and d axes, about the centre of a (d, h, w) patch.
 
-    Angles are about the w, h and d axes (in that order). ``affine_grid`` works in coordinates normalised by each
-    side, so the rotation R (voxel units) is conjugated by the half sides S: theta = S^-1 R S. Without it a
-    non-cubic patch would be sheared and scaled (a line along a long side shrinks when turned to a short one).
+    ``affine_grid`` works in coordinates normalised by each side, so the rotation R (voxel units) is conjugated by the
+    half sides S: theta = S^-1 R S. Without it a non-cubic patch would be sheared and scaled (a line along a long side
+    shrinks when turned to a short one).
     """
     rot = _rotation_matrices(angles.float())
-    d, h, w = x.shape[2:]
+    d, h, w = spatial
     half = (w, h, d)  # affine_grid's (x, y, z) = (w, h, d)
-    ratio = _constant(tuple(tuple(half[j] / half[i] for j in range(3)) for i in range(3)), x.device)
+    ratio = _constant(tuple(tuple(half[j] / half[i] for j in range(3)) for i in range(3)), angles.device)
     rot = rot * ratio  # (S^-1 R S)_ij = R_ij s_j / s_i
-    theta = torch.cat([rot, rot.new_zeros(x.shape[0], 3, 1)], dim=2)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return torch.cat([rot, rot.new_zeros(rot.shape[0], 3, 1)], dim=2)
+
+
+def rotate_arbitrary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate each sample rigidly (in voxel units) about its centre by ``angles`` (N, 3) radians (:func:`free_theta`),
+    trilinear; one grid_sample call."""
+    return grid_rotate(x, free_theta(angles, tuple(x.shape[2:])), "bilinear")
 
 
 def draw_rotation(shape: torch.Size, gen: torch.Generator, device: torch.device) -> Params:
     """Rotation parameters of every sample of a batch of ``shape`` (N, C, d, h, w) (see the module docstring).
 
     Returns exact (N,) bool (an exact turn, else arbitrary angles), plane (N,) and turns (N,) int64 of the exact turn,
-    angles (N, 3) radians of the arbitrary one (zero about the axes that do not turn).
+    angles (N, 3) radians of the arbitrary one (zero about the axes that do not turn), and both as ``affine_grid``
+    matrices (N, 3, 4): turn_theta and free_theta (made here, eagerly, so a compiled blend pass holds no constants).
     """
     n = shape[0]
     exact = torch.rand(n, generator=gen, device=device) < 0.5
@@ -187,7 +205,8 @@ def draw_rotation(shape: torch.Size, gen: torch.Generator, device: torch.device)
     first = forced[:, None] == torch.arange(3, device=device)  # one-hot, without one_hot's range check
     on_axis = on_axis | (~on_axis.any(1, keepdim=True) & first)  # at least one axis turns
     angles = _uniform(gen, 3 * n, -math.pi / 6, math.pi / 6, device).view(n, 3) * on_axis
-    return {"exact": exact, "plane": plane, "turns": turns, "angles": angles}
+    return {"exact": exact, "plane": plane, "turns": turns, "angles": angles,
+            "turn_theta": turn_theta(plane, turns), "free_theta": free_theta(angles, tuple(shape[2:]))}
 
 
 def apply_rotation(x: torch.Tensor, params: Params, *, blend: bool) -> torch.Tensor:
@@ -199,12 +218,12 @@ def apply_rotation(x: torch.Tensor, params: Params, *, blend: bool) -> torch.Ten
     """
     exact = params["exact"]
     if blend:
-        turned = rotate90_grid(x, params["plane"], params["turns"])
-        return torch.where(_bcast(exact), turned, rotate_arbitrary(x, params["angles"]))
+        turned = grid_rotate(x, params["turn_theta"], "nearest")
+        return torch.where(_bcast(exact), turned, grid_rotate(x, params["free_theta"], "bilinear"))
     out = rotate90(x, exact, params["plane"], params["turns"])
     free = (~exact).nonzero().squeeze(1)
     if free.numel():
-        out.index_copy_(0, free, rotate_arbitrary(x.index_select(0, free), params["angles"].index_select(0, free)))
+        out.index_copy_(0, free, grid_rotate(x.index_select(0, free), params["free_theta"].index_select(0, free), "bilinear"))
     return out
 
 
@@ -253,21 +272,33 @@ def colour_apply(x: torch.Tensor, bright: torch.Tensor, contrast: torch.Tensor, 
     return (g - pivot) * contrast + pivot + bright
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample sigma (N,), as three grouped convolutions."""
-    n, c = x.shape[:2]
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+def blur_matrices(sigma: torch.Tensor, size: int, radius: int = 3) -> torch.Tensor:
+    """One axis of the Gaussian blur as matrices: (N, size, size) float32, entry [i, j, o] the weight of input voxel j
+    in output voxel o of sample i (taps at -radius..radius with weights exp(-t^2 / 2 sigma_i^2), normalised; a tap past
+    either end reads the end voxel: replicate padding, folded into the matrix)."""
+    t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
     k = torch.exp(-0.5 * (t[None] / sigma[:, None].float()) ** 2)
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0).to(x.dtype)  # (N*C, 2r+1)
-    v = x.reshape(1, n * c, *x.shape[2:])
-    size = 2 * radius + 1
-    for axis in range(3):
-        shape = [1, 1, 1]
-        shape[axis] = size
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        v = F.conv3d(F.pad(v, pad, mode="replicate"), k.view(n * c, 1, *shape), groups=n * c)
-    return v.view_as(x)
+    k = k / k.sum(1, keepdim=True)  # (N, 2r+1)
+    pos = torch.arange(size, device=sigma.device)
+    reads = (pos[:, None] + t.long()[None]).clamp(0, size - 1)  # (out, tap): the input voxel each tap reads
+    taps = (reads[:, :, None] == pos).float()  # (out, tap, in)
+    return torch.einsum("nt,otj->njo", k, taps)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
+    """Separable Gaussian blur of x (N, C, d, h, w) with a per-sample sigma (N,), replicate padding.
+
+    Each axis is one batched matrix product with :func:`blur_matrices` (a 1D blur with its padding is a banded matrix):
+    a few fast GEMMs instead of grouped convolutions with one group per sample, which run slowly on GPUs and CPUs alike.
+    """
+    n, c, d, h, w = x.shape
+    v = x.float()
+    v = torch.bmm(v.reshape(n, c * d * h, w), blur_matrices(sigma, w, radius)).view(n, c, d, h, w)  # along w
+    bh = blur_matrices(sigma, h, radius).transpose(1, 2)  # (N, out, in)
+    v = torch.matmul(bh[:, None, None], v)  # along h: (N, 1, 1, h, h) @ (N, C, d, h, w)
+    bd = blur_matrices(sigma, d, radius).transpose(1, 2)
+    v = torch.bmm(bd, v.transpose(1, 2).reshape(n, d, c * h * w)).view(n, d, c, h, w).transpose(1, 2)  # along d
+    return v.to(x.dtype).contiguous()
 
 
 def _smooth(v: torch.Tensor, axis: int) -> torch.Tensor:
@@ -467,7 +498,8 @@ class ViewAugmenter:
         self.compiled = compile
         self.compile_seconds = 0.0
         self._shapes: set[tuple[int, ...]] = set()
-        self._fn = torch.compile(blend_view, dynamic=False) if compile else None
+        # fullgraph: one graph or none (a graph break would compile the pieces apart, once per transform, and fuse little)
+        self._fn = torch.compile(blend_view, dynamic=False, fullgraph=True) if compile else None
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """One view of x (N, C, d, h, w), drawn from ``gen``."""
