@@ -115,6 +115,11 @@ def test_pretraining_with_compiled_augmentation_follows_the_eager_run(ct_cache, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_compiled_views_match_eager_and_need_no_host_sync():
     x = _x((16, 1, 16, 16, 16)).cuda()
+    drawn, params = draw_view(x, augmentations=ALL, gen=torch.Generator(device="cuda").manual_seed(0))
+    try:  # the compiler's whole message on failure (ViewAugmenter keeps its first line)
+        torch.compile(blend_view, dynamic=False, fullgraph=True)(x, drawn, params)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"torch.compile of the blend pass failed: {exc}")
     augment = ViewAugmenter(ALL, compile=True, strict=True)
     augment(x, torch.Generator(device="cuda").manual_seed(0))  # compiles
     torch.cuda.synchronize()
