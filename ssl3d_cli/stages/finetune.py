@@ -162,7 +162,10 @@ class SegmentationRecipe(Recipe):
         self.val_cases = load_validation_cases(cache, split["val"]) if ctx.dist.is_main else []
         self._encoder_frozen: bool | None = None
 
-    def step(self, model: torch.nn.Module, batch: tuple[Any, Any], gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def prepare(self, batch: tuple[Any, Any], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's (B, C, D, H, W) float32 images and (B, D, H, W) int64 labels: patches cut (a native cache) and
+        augmented with this step's generator, one step ahead (on CUDA on the copy stream, where the host waits for
+        the patch draws and the augmentation's subset only behind that stream, not behind the previous step)."""
         if self.patch is not None:  # lists of whole cases: one patch each, drawn with this step's generator
             image, label = sample_patches(list(batch[0]), list(batch[1]), self.patch, foreground=self.config.foreground_oversampling,
                                           gen=gen)
@@ -171,6 +174,10 @@ class SegmentationRecipe(Recipe):
         image, label = image.float(), label.long()
         if self.config.augment:
             image, label = augment_pair(image, label, gen)
+        return image, label
+
+    def step(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        image, label = batch
         with self.ctx.precision.autocast():
             logits = model(image)
         loss = self.loss_fn(logits, label, weights=self.weights, smooth=self.config.dice_smooth,
