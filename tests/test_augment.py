@@ -317,3 +317,39 @@ def test_no_parameter_draw_depends_on_the_selection(monkeypatch, name, blend):
         out, after = run(mask)
         assert torch.equal(after, state)  # the same number of draws
         assert torch.equal(out[mask], every[mask]) and torch.equal(out[~mask], x[~mask])
+
+
+def test_blur_equals_a_float64_brute_force_replicate_padded_gaussian():
+    x = torch.randn(3, 2, 5, 7, 9, generator=gen(30))
+    sigma = torch.tensor([0.5, 1.0, 1.5])
+    got = gaussian_blur(x, sigma)
+    v = x.double()
+    for axis in (2, 3, 4):  # one axis at a time, each output voxel summed over its taps with clamped reads
+        n = v.shape[axis]
+        out = torch.zeros_like(v)
+        for i in range(3):
+            taps = [math.exp(-0.5 * (t / float(sigma[i])) ** 2) for t in range(-3, 4)]
+            total = sum(taps)
+            for o in range(n):
+                for t, weight in zip(range(-3, 4), taps):
+                    src = min(max(o + t, 0), n - 1)
+                    out[i].narrow(axis - 1, o, 1).add_(weight / total * v[i].narrow(axis - 1, src, 1))
+        v = out
+    assert got.dtype == x.dtype and got.shape == x.shape
+    assert (got.double() - v).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(6, 2, 8, 8, 8), (6, 1, 6, 10, 14)])
+def test_fused_resampling_equals_grid_sample(shape):
+    """resample_affine (the compiled blend pass's rotation): exact turns bit for bit rot90, free angles within rounding
+    of grid_sample, border clipping included (30 degree turns move the corners out of the box)."""
+    from ssl3d_cli.augment.simclr import draw_rotation, resample_affine
+
+    x = torch.randn(shape, generator=gen(31))
+    for seed in range(3):
+        params = draw_rotation(x.shape, gen(40 + seed), x.device)
+        exact = params["exact"]
+        theta = torch.where(exact[:, None, None], params["turn_theta"], params["free_theta"])
+        got = resample_affine(x, theta, exact)
+        assert torch.equal(got[exact], rotate90_grid(x, params["plane"], params["turns"])[exact])
+        assert torch.allclose(got[~exact], rotate_arbitrary(x, params["angles"])[~exact], atol=2e-5)

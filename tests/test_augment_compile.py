@@ -137,3 +137,18 @@ def test_cuda_compiled_views_match_eager_and_need_no_host_sync():
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_blend_pass_is_one_graph_also_under_deterministic_algorithms(device):
+    """No graph break in the blend pass (ViewAugmenter compiles it with fullgraph=True). Under deterministic algorithms
+    on CUDA, F.pad(mode="replicate") takes a Python path dynamo 2.11 skips: the Sobel pads by concatenation instead."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        x = _x().to(device)
+        drawn, params = draw_view(x, augmentations=ALL, gen=torch.Generator(device=device).manual_seed(8))
+        explained = torch._dynamo.explain(blend_view)(x, drawn, params)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -365,10 +365,13 @@ def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
     """3D Sobel gradient magnitude per channel, standardised per sample; constant input -> zeros.
 
     The three 3x3x3 Sobel kernels are separable (derivative along one axis, [1, 2, 1] along the other two): computed
-    as shared 1D passes on the replicate-padded patch.
+    as shared 1D passes on the replicate-padded patch. The padding is concatenated edge slices, not ``F.pad``: under
+    deterministic algorithms on CUDA ``F.pad(mode="replicate")`` takes a Python path torch.compile (2.11) cannot trace.
     """
     n, c = x.shape[:2]
-    v = F.pad(x.reshape(n * c, 1, *x.shape[2:]).float(), [1] * 6, mode="replicate")[:, 0]  # (N*C, d+2, h+2, w+2)
+    v = x.reshape(n * c, *x.shape[2:]).float()
+    for axis in (1, 2, 3):  # replicate padding by one voxel: (N*C, d+2, h+2, w+2)
+        v = torch.cat([v.narrow(axis, 0, 1), v, v.narrow(axis, v.shape[axis] - 1, 1)], dim=axis)
     sw = _smooth(v, 3)
     gd = _deriv(_smooth(sw, 2), 1)
     gh = _deriv(_smooth(sw, 1), 2)
