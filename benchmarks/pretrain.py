@@ -34,18 +34,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import sync  # noqa: E402
 
 
-class _InlinePrefetcher:
-    """What the loop did before views were prepared ahead: copy and prepare each batch on the compute stream, just
-    before its step (a stand-in for ``training.data.DevicePrefetcher`` with its interface)."""
+def _inline_prefetcher() -> Any:
+    """What the loop did before views were prepared ahead: a ``training.data.DevicePrefetcher`` that copies and
+    prepares each batch on the compute stream, just before its step."""
+    from ssl3d_cli.training.data import DevicePrefetcher
 
-    def __init__(self, batches: Any, device: Any, prepare: Any = None) -> None:
-        from ssl3d_cli.training.data import DevicePrefetcher
+    class InlinePrefetcher(DevicePrefetcher):
+        def __iter__(self) -> Any:
+            for index, batch in enumerate(self.batches):
+                yield self._ready(index, batch)
 
-        self._inner = DevicePrefetcher(batches, device, prepare)
-
-    def __iter__(self) -> Any:
-        for index, batch in enumerate(self._inner.batches):
-            yield self._inner._ready(index, batch)
+    return InlinePrefetcher
 
 
 def real_loop(cache_dir: Path, run_dir: Path, args: argparse.Namespace, widths: tuple[int, ...], compile_mode: str,
@@ -59,7 +58,7 @@ def real_loop(cache_dir: Path, run_dir: Path, args: argparse.Namespace, widths: 
                             warmup_epochs=1, checkpoint_every=args.epochs, steps_per_epoch=args.steps, workers=args.workers,
                             compile=compile_mode, model=ModelConfig(widths=widths))
     real_prefetcher = run_module.DevicePrefetcher
-    run_module.DevicePrefetcher = _InlinePrefetcher if inline else real_prefetcher
+    run_module.DevicePrefetcher = _inline_prefetcher() if inline else real_prefetcher
     try:
         summary = pretrain(cache_dir, config=config, runtime=RuntimeConfig(device=args.device, precision=args.precision), output=run_dir)
     finally:

@@ -72,6 +72,7 @@ def _bcast(v: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _cached_constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """:func:`_constant` outside ``torch.compile``: one copy per (values, device) per process."""
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
@@ -142,8 +143,9 @@ def grid_rotate(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor
 
 
 def resample_affine(x: torch.Tensor, theta: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-    """What ``grid_sample(x, affine_grid(theta), padding_mode="border", align_corners=False)`` gives, nearest-neighbour
-    for the samples where ``nearest`` (N,) and trilinear elsewhere, computed voxel by voxel from theta (N, 3, 4).
+    """What ``grid_sample(x, affine_grid(theta), padding_mode="border", align_corners=False)`` gives for x
+    (N, C, d, h, w), nearest-neighbour for the samples where ``nearest`` (N,) bool and trilinear elsewhere, computed
+    voxel by voxel from theta (N, 3, 4); returns (N, C, d, h, w) in x's dtype.
 
     Each output voxel's source coordinate is an affine function of its index, so no (N, d, h, w, 3) grid is written
     and read back, and under ``torch.compile`` the coordinates, the eight gathers and their weights fuse into one
@@ -532,11 +534,13 @@ def augment_view(x: torch.Tensor, *, augmentations: tuple[str, ...], gen: torch.
 class ViewAugmenter:
     """:func:`augment_view` for a training run, with the blend pass optionally through ``torch.compile``.
 
-    The draws stay eager (the random stream is that of :func:`augment_view`); only :func:`blend_view`, a fixed chain of
-    elementwise passes, reductions, two ``grid_sample`` and the blur's convolutions, is compiled: inductor fuses the
-    passes, which on a GPU are memory-bound and otherwise one kernel launch each. One compile per patch shape (a run has
-    one). A compile failure, or more than :data:`MAX_SHAPES` shapes, falls back to the eager blend pass with one warning
-    (``strict``: raises ConfigError instead); the views differ from eager ones by float rounding only.
+    The draws stay eager (the random stream is that of :func:`augment_view`); only :func:`blend_view` is compiled, as
+    one graph (``fullgraph``): elementwise passes and reductions that inductor fuses, the rotation as one fused
+    resampling (:func:`resample_affine`) and the blur's batched matrix products. Compiled code is kept per variant
+    (patch shape, augmentation list, global state such as grad mode) and, by dynamo, per process: every augmenter of a
+    process shares :data:`MAX_SHAPES` variants (a training run uses one). A compile failure, or a variant past that
+    limit, falls back to the eager blend pass with a warning (``strict``: raises ConfigError instead); the views differ
+    from eager ones by float rounding only.
 
     Args:
         compile: compile the blend pass (``runtime.compiling.compile_wanted`` decides it from ``--compile``).

@@ -177,6 +177,7 @@ class SegmentationRecipe(Recipe):
         return image, label
 
     def step(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Segmentation loss of ``prepare``'s images (B, C, D, H, W) and labels (B, D, H, W) (``gen``: unused here)."""
         image, label = batch
         with self.ctx.precision.autocast():
             logits = model(image)

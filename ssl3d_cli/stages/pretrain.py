@@ -188,6 +188,7 @@ class SimCLRRecipe(Recipe):
         return simclr_views(batch, config=self.config, gen=gen, augment=self.augment)
 
     def step(self, model: torch.nn.Module, views: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """NT-Xent loss and positive-pair accuracy of ``prepare``'s (2n, C, p, p, p) views (``gen``: unused here)."""
         loss, acc = simclr_loss(model, views, config=self.config, precision=self.precision, dist=self.dist)
         return loss, {"acc": acc}
 

@@ -66,7 +66,11 @@ class DevicePrefetcher:
     """
 
     def __init__(self, batches: Iterable[Batch], device: torch.device, prepare: Prepare | None = None) -> None:
+        """``prepare`` may be replaced between passes (a training run sets each epoch's); the copy stream is made once:
+        the caching allocator reuses a freed block only on the stream that allocated it, so a new stream per pass
+        would strand the previous passes' cached memory."""
         self.batches, self.device, self.prepare = batches, device, prepare
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _ready(self, index: int, batch: Batch) -> Any:
         batch = batch_to_device(batch, self.device)
@@ -77,7 +81,7 @@ class DevicePrefetcher:
             for index, batch in enumerate(self.batches):
                 yield self._ready(index, batch)
             return
-        stream = torch.cuda.Stream(self.device)
+        stream = self.stream
         compute = torch.cuda.current_stream(self.device)
         source = enumerate(self.batches)
 

@@ -500,6 +500,7 @@ class TrainingRun:
         loader = DataLoader(recipe.dataset, batch_sampler=batches, num_workers=schedule.workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_stop_signals,
                             persistent_workers=schedule.workers > 0, collate_fn=recipe.collate)
+        prefetched = DevicePrefetcher(loader, device)  # one copy stream for the whole run
         metrics: dict[str, Any] = {}
         wrapped.train()
         with SignalGuard() as guard, progress.task(recipe.description, total=schedule.epochs) as bar:
@@ -511,7 +512,7 @@ class TrainingRun:
                 t_epoch, sums = time.perf_counter(), StepMetrics(device, carried)
                 carried = None
                 # batch i+1 is copied to the device and prepared while step i runs
-                prefetched = DevicePrefetcher(loader, device, prepare=partial(self._prepare, recipe, epoch, start_step))
+                prefetched.prepare = partial(self._prepare, recipe, epoch, start_step)
                 for offset, (batch, gen) in enumerate(prefetched):
                     step = start_step + offset
                     compute = partial(recipe.step, wrapped, batch, gen)
