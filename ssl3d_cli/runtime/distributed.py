@@ -147,10 +147,48 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any rank (so all ranks stop at the same step)."""
-    if world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+class StopVote:
+    """Whether any rank asked to stop, agreed on by every rank one step late, without making the host wait for the
+    step just queued.
+
+    Each call posts this step's flag (an asynchronous all-reduce, MAX) and answers with the previous call's result: a
+    flag raised at step i stops every rank after step i + 1, together. On CUDA the result is copied to pinned memory
+    behind the reduction and read after an event, so the host waits for the previous step only while the GPU still
+    has the current one queued (a plain ``.item()`` would drain the queue at every step). A lone process answers with
+    its own flag at once. Every rank must call it the same number of times, and :meth:`close` before leaving.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pending: tuple[torch.Tensor, Any, Any] | None = None  # (value, ready event, work) of the last posted vote
+
+    def __call__(self, flag: bool) -> bool:
+        if world_size() == 1:
+            return flag
+        value = torch.full((1,), 1.0 if flag else 0.0, device=self.device)  # a fill kernel, not a host-to-device copy
+        work = dist.all_reduce(value, op=dist.ReduceOp.MAX, async_op=True)
+        if self.device.type == "cuda":
+            work.wait()  # NCCL: the current stream waits for the reduction; the host does not
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            posted: tuple[torch.Tensor, Any, Any] = (host, ready, None)
+        else:
+            posted = (value, None, work)
+        previous, self._pending = self._pending, posted
+        return previous is not None and self._read(previous)
+
+    @staticmethod
+    def _read(vote: tuple[torch.Tensor, Any, Any]) -> bool:
+        value, ready, work = vote
+        if work is not None:
+            work.wait()
+        if ready is not None:
+            ready.synchronize()
+        return bool(value.item() > 0)
+
+    def close(self) -> bool:
+        """Wait for the last posted vote (no reduction is left in flight) and return it."""
+        pending, self._pending = self._pending, None
+        return pending is not None and self._read(pending)

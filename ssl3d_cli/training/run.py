@@ -9,8 +9,9 @@ ends (unfreezing, validation, best model) and the artefact it writes at each che
 Data path: DataLoader workers (kept across epochs) read and pin the batches, :class:`DevicePrefetcher` copies batch
 i+1 to the device and runs the recipe's ``prepare`` on it (SimCLR: the random views) while step i runs, and the step
 figures stay on the device until the epoch ends (:class:`StepMetrics`): inside an epoch a single-process bf16/fp32
-loop never waits for the GPU, except where a recipe's step does. Under torch.distributed the stop-signal check
-(``any_rank``) and with fp16 the gradient scaler still wait once per step.
+loop never waits for the GPU, except where a recipe's step does. Under torch.distributed a stop signal is agreed on
+one step late (``StopVote``), so the vote does not drain the GPU's queue either; with fp16 the gradient scaler still
+waits once per step.
 
 Determinism: the batch order of epoch e is a function of (seed, e), the augmentation generator of
 step s of epoch e is seeded from (seed, e, s, rank), and every rank's global RNG state (dropout) is
@@ -52,8 +53,8 @@ from ssl3d_cli.runtime.device import (
 )
 from ssl3d_cli.runtime.distributed import (
     DistInfo,
+    StopVote,
     all_reduce_mean,
-    any_rank,
     barrier,
     broadcast_object,
     gather_objects,
@@ -501,6 +502,7 @@ class TrainingRun:
                             generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_stop_signals,
                             persistent_workers=schedule.workers > 0, collate_fn=recipe.collate)
         prefetched = DevicePrefetcher(loader, device)  # one copy stream for the whole run
+        votes = StopVote(device)  # under torchrun: a stop signal on any rank stops all ranks at the same step
         metrics: dict[str, Any] = {}
         wrapped.train()
         with SignalGuard() as guard, progress.task(recipe.description, total=schedule.epochs) as bar:
@@ -518,7 +520,8 @@ class TrainingRun:
                     compute = partial(recipe.step, wrapped, batch, gen)
                     loss, stats = optimisation_step(compute, optimizer=optimizer, scheduler=scheduler, scaler=scaler, oom_hint=recipe.oom_hint)
                     sums.add({"loss": loss, **stats})
-                    if any_rank(guard.requested is not None, device):
+                    if votes(guard.requested is not None):
+                        votes.close()
                         self._save_state(wrapped, opt, epoch=epoch, step=step + 1, extra={"accum": sums.floats(), **recipe.state})
                         barrier()  # no rank exits 75 before rank 0 has written last.pt: exit 75 always means "state saved"
                         raise StopRequested(f"signal {guard.requested or 'on another rank'}: state saved in {self.last_path}; "
@@ -536,4 +539,5 @@ class TrainingRun:
                     if dist.is_main:  # the artefact first: a kill between the two leaves last.pt behind, which redoes the epoch
                         recipe.checkpoint(wrapped, epoch + 1, metrics)
                     self._save_state(wrapped, opt, epoch=epoch + 1, step=0, extra={"accum": {"loss": 0.0, "n": 0}, **recipe.state})
+            votes.close()  # a signal during the last step: the run is complete, nothing to stop
         return metrics
