@@ -256,3 +256,21 @@ def test_cuda_pretraining_with_workers_and_prefetch(ct_cache, tmp_path):
     stage.pretrain(ct_cache, config=config, runtime=RuntimeConfig(device="cuda", seed=1), output=tmp_path / "run")
     lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] and all(m["loss"] == m["loss"] and m["loss"] > 0 for m in lines)
+
+
+def test_run_batches_are_the_epochs_batches_end_to_end_and_know_their_step():
+    from ssl3d_cli.training.sampling import EpochBatches, RunBatches
+
+    def epoch_order(epoch, start=0):
+        b = EpochBatches(10, 3, seed=4, world=2, rank=1)
+        b.set_epoch(epoch, start)
+        return list(b)
+
+    batches = EpochBatches(10, 3, seed=4, world=2, rank=1)  # 2 steps per epoch (12 items per step, wrapping)
+    whole = RunBatches(batches, start_epoch=0, start_step=0, end_epoch=3)
+    assert list(whole) == epoch_order(0) + epoch_order(1) + epoch_order(2) and len(whole) == 6
+    assert [whole.position(i) for i in range(6)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    resumed = RunBatches(EpochBatches(10, 3, seed=4, world=2, rank=1), start_epoch=1, start_step=1, end_epoch=3)
+    assert list(resumed) == epoch_order(1, 1) + epoch_order(2) and len(resumed) == 3  # the tail of the same order
+    assert [resumed.position(i) for i in range(3)] == [(1, 1), (2, 0), (2, 1)]
+    assert len(RunBatches(batches, start_epoch=3, start_step=0, end_epoch=3)) == 0 and not list(RunBatches(batches, start_epoch=3, start_step=0, end_epoch=3))

@@ -6,8 +6,9 @@ compatibility checks, the signal guard, DDP wrapping, the epoch/step iteration i
 only its :class:`Recipe`: the model, the loss of one step, what happens when an epoch starts and
 ends (unfreezing, validation, best model) and the artefact it writes at each checkpoint.
 
-Data path: DataLoader workers (kept across epochs) read and pin the batches, :class:`DevicePrefetcher` copies batch
-i+1 to the device and runs the recipe's ``prepare`` on it (SimCLR: the random views) while step i runs, and the step
+Data path: DataLoader workers read and pin the batches in one pass over the whole run (:class:`RunBatches`),
+:class:`DevicePrefetcher` copies batch i+1 to the device and runs the recipe's ``prepare`` on it (SimCLR: the random
+views) while step i runs, across epoch ends too, and the step
 figures stay on the device until the epoch ends (:class:`StepMetrics`): inside an epoch a single-process bf16/fp32
 loop never waits for the GPU, except where a recipe's step does. Under torch.distributed a stop signal is agreed on
 one step late (``StopVote``), so the vote does not drain the GPU's queue either; with fp16 the gradient scaler still
@@ -63,7 +64,7 @@ from ssl3d_cli.runtime.distributed import (
     world_size,
 )
 from ssl3d_cli.training.data import DevicePrefetcher
-from ssl3d_cli.training.sampling import EpochBatches, step_generator, warmup_cosine
+from ssl3d_cli.training.sampling import EpochBatches, RunBatches, step_generator, warmup_cosine
 
 log = logging.getLogger("ssl3d")
 
@@ -197,7 +198,8 @@ class Recipe:
     def prepare(self, batch: Any, gen: torch.Generator) -> Any:
         """Work on a step's batch (on the device) that needs no model: e.g. random augmentation from ``gen``, the step's
         generator. Runs one step ahead, on the copy stream on CUDA (:class:`DevicePrefetcher`), so its kernels overlap the
-        previous step's; what it returns is what ``step`` gets. Default: the batch unchanged."""
+        previous step's; also across an epoch end, before the next epoch's ``epoch_start``, so it must not depend on
+        what that changes (e.g. which parameters train). What it returns is what ``step`` gets. Default: the batch."""
         return batch
 
     def step(self, model: torch.nn.Module, batch: Any, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -455,10 +457,11 @@ class TrainingRun:
 
     # --- the loop --------------------------------------------------------------------------------
 
-    def _prepare(self, recipe: Recipe, epoch: int, first_step: int, offset: int, batch: Any) -> tuple[Any, torch.Generator]:
-        """``recipe.prepare`` of step ``first_step + offset`` of ``epoch``, with that step's generator (which the step
-        then continues): the draws depend only on (seed, epoch, step, rank), not on when they are made."""
-        gen = step_generator(self.device, self.seed, epoch, first_step + offset, self.dist.rank)
+    def _prepare(self, recipe: Recipe, batches: RunBatches, index: int, batch: Any) -> tuple[Any, torch.Generator]:
+        """``recipe.prepare`` of the ``index``-th batch of the run's loader pass, with its step's generator (which the
+        step then continues): the draws depend only on (seed, epoch, step, rank), not on when they are made."""
+        epoch, step = batches.position(index)
+        gen = step_generator(self.device, self.seed, epoch, step, self.dist.rank)
         with out_of_memory_hint(recipe.oom_hint):
             return recipe.prepare(batch, gen), gen
 
@@ -495,13 +498,15 @@ class TrainingRun:
         recipe.epoch_start(start_epoch)
         wrapped = wrap_ddp(model, device)
         # the loader draws its workers' base seed from its own generator, not the global RNG: a draw from the global
-        # state at each epoch's iterator would shift every later dropout mask after a mid-epoch resume
-        # persistent workers: an epoch of a small dataset is a few steps, and re-spawning the workers each epoch stalls it
-        # (the batch sampler runs in this process, so set_epoch still reaches it)
-        loader = DataLoader(recipe.dataset, batch_sampler=batches, num_workers=schedule.workers, pin_memory=device.type == "cuda",
+        # state at an iterator's start would shift every later dropout mask after a mid-epoch resume
+        # one loader pass for the whole run (RunBatches): the workers start once, and the next epoch's first batch is
+        # read and prepared while this epoch's last step runs (the batch sampler runs in this process)
+        run_batches = RunBatches(batches, start_epoch=start_epoch, start_step=start_step, end_epoch=schedule.epochs)
+        loader = DataLoader(recipe.dataset, batch_sampler=run_batches, num_workers=schedule.workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_stop_signals,
-                            persistent_workers=schedule.workers > 0, collate_fn=recipe.collate)
-        prefetched = DevicePrefetcher(loader, device)  # one copy stream for the whole run
+                            collate_fn=recipe.collate)
+        # batch i+1 is copied to the device and prepared while step i runs, across epoch ends too
+        incoming = iter(DevicePrefetcher(loader, device, prepare=partial(self._prepare, recipe, run_batches)))
         votes = StopVote(device)  # under torchrun: a stop signal on any rank stops all ranks at the same step
         metrics: dict[str, Any] = {}
         wrapped.train()
@@ -510,13 +515,10 @@ class TrainingRun:
             for epoch in range(start_epoch, schedule.epochs):
                 if recipe.epoch_start(epoch):
                     wrapped = wrap_ddp(model, device)  # DDP must see the newly trainable parameters
-                batches.set_epoch(epoch, start_step)
                 t_epoch, sums = time.perf_counter(), StepMetrics(device, carried)
                 carried = None
-                # batch i+1 is copied to the device and prepared while step i runs
-                prefetched.prepare = partial(self._prepare, recipe, epoch, start_step)
-                for offset, (batch, gen) in enumerate(prefetched):
-                    step = start_step + offset
+                for step in range(start_step, batches.steps):
+                    batch, gen = next(incoming)
                     compute = partial(recipe.step, wrapped, batch, gen)
                     loss, stats = optimisation_step(compute, optimizer=optimizer, scheduler=scheduler, scaler=scaler, oom_hint=recipe.oom_hint)
                     sums.add({"loss": loss, **stats})

@@ -53,6 +53,29 @@ class EpochBatches:
             yield order[s, self.rank].tolist()
 
 
+class RunBatches:
+    """Batch sampler over every epoch left in a run: epoch ``start_epoch`` from ``start_step``, then each later epoch
+    whole, each in :class:`EpochBatches`' order. One loader pass for the whole run, so the first batch of the next
+    epoch is read (and prepared on the device) while the current epoch's last step runs, instead of after the
+    epoch's bookkeeping."""
+
+    def __init__(self, epochs: EpochBatches, *, start_epoch: int, start_step: int, end_epoch: int) -> None:
+        self.epochs, self.start_epoch, self.start_step, self.end_epoch = epochs, start_epoch, start_step, end_epoch
+
+    def __len__(self) -> int:
+        return max(0, (self.end_epoch - self.start_epoch) * self.epochs.steps - self.start_step)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for epoch in range(self.start_epoch, self.end_epoch):
+            self.epochs.set_epoch(epoch, self.start_step if epoch == self.start_epoch else 0)
+            yield from self.epochs
+
+    def position(self, index: int) -> tuple[int, int]:
+        """(epoch, step) of the ``index``-th batch of this pass."""
+        epoch, step = divmod(self.start_step + index, self.epochs.steps)
+        return self.start_epoch + epoch, step
+
+
 def step_generator(device: torch.device, seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
     """A generator for one step's augmentations, seeded from (seed, epoch, step, rank)."""
     g = torch.Generator(device=device)
