@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -87,3 +91,51 @@ def model_path(ct_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
                                              warmup_epochs=0, learning_rate=1e-2),
              runtime=RuntimeConfig(device="cpu"), output=out, evaluate_test=False)
     return out / "model.pt"
+
+
+class Interrupts:
+    """The two ways the resume tests cut a pretraining run short: a crash ("SIGKILL") right after an epoch's metrics
+    line is written, and SIGTERM during a given step (the n-th SimCLR loss of the run)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+
+    @contextmanager
+    def crash_after_logging_epoch(self, epoch: int) -> Iterator[None]:
+        run_module = importlib.import_module("ssl3d_cli.training.run")
+        real = run_module.append_metrics
+
+        def crash(path, record):  # noqa: ANN001, ANN202
+            real(path, record)
+            if record["epoch"] == epoch:
+                raise KeyboardInterrupt
+
+        self.monkeypatch.setattr(run_module, "append_metrics", crash)
+        try:
+            yield
+        finally:
+            self.monkeypatch.setattr(run_module, "append_metrics", real)
+
+    @contextmanager
+    def sigterm_at_step(self, n: int) -> Iterator[None]:
+        stage = importlib.import_module("ssl3d_cli.stages.pretrain")
+        real = stage.simclr_loss
+        calls = {"n": 0}
+
+        def signalling(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **kw)
+
+        self.monkeypatch.setattr(stage, "simclr_loss", signalling)
+        try:
+            yield
+        finally:
+            self.monkeypatch.setattr(stage, "simclr_loss", real)
+
+
+@pytest.fixture
+def interrupts(monkeypatch: pytest.MonkeyPatch) -> Interrupts:
+    """:class:`Interrupts` for this test."""
+    return Interrupts(monkeypatch)

@@ -3,10 +3,7 @@ split into the K^3 patches; resume exactness, the encoder it writes, fine-tuning
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -90,43 +87,21 @@ def test_native_pretraining_writes_the_region_into_encoder_and_config(native_cac
     assert saved["pretrain"]["region_size"] == list(region)
 
 
-def test_native_resume_after_kill_and_after_sigterm_equals_uninterrupted(native_cache, tmp_path, monkeypatch):
-    stage = importlib.import_module("ssl3d_cli.stages.pretrain")
-    run_module = importlib.import_module("ssl3d_cli.training.run")
+def test_native_resume_after_kill_and_after_sigterm_equals_uninterrupted(native_cache, tmp_path, interrupts):
     pretrain(native_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "full")
     reference = _weights(tmp_path / "full")
 
     # killed while logging epoch 2: last.pt holds epoch 1, and the resumed run redoes epoch 2's regions
-    real_append = run_module.append_metrics
-
-    def crash_in_epoch_2(path, record):
-        real_append(path, record)
-        if record["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_module, "append_metrics", crash_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupts.crash_after_logging_epoch(2), pytest.raises(KeyboardInterrupt):
         pretrain(native_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "killed")
-    monkeypatch.setattr(run_module, "append_metrics", real_append)
     assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["epoch"] == 1
     pretrain(native_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "killed", resume=True)
     for k, v in _weights(tmp_path / "killed").items():
         assert torch.equal(v, reference[k]), k
 
     # SIGTERM at the third step of epoch 1: resumed mid-epoch, the remaining steps cut the same regions
-    calls = {"n": 0}
-    real_step = stage.simclr_loss
-
-    def signal_on_third_step(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*a, **kw)
-
-    monkeypatch.setattr(stage, "simclr_loss", signal_on_third_step)
-    with pytest.raises(StopRequested):
+    with interrupts.sigterm_at_step(3), pytest.raises(StopRequested):
         pretrain(native_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "term")
-    monkeypatch.setattr(stage, "simclr_loss", real_step)
     saved = torch.load(tmp_path / "term" / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (0, 3)
     pretrain(native_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "term", resume=True)

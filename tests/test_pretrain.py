@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import socket
 from pathlib import Path
 
@@ -92,26 +91,16 @@ def _weights(run_dir):
     return torch.load(Path(run_dir) / "last.pt", weights_only=True)["model"]
 
 
-def test_resume_after_kill_and_after_sigterm_equals_uninterrupted(ct_cache, tmp_path, monkeypatch):
+def test_resume_after_kill_and_after_sigterm_equals_uninterrupted(ct_cache, tmp_path, interrupts):
     import importlib
 
     stage = importlib.import_module("ssl3d_cli.stages.pretrain")
-    run_module = importlib.import_module("ssl3d_cli.training.run")
     stage.pretrain(ct_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "full")
     reference = _weights(tmp_path / "full")
 
     # 1) "SIGKILL" after epoch 3's metrics: the last checkpoint is epoch 2; resume redoes epochs 3-4
-    real_append = run_module.append_metrics
-
-    def crash_after_3(path, record):
-        real_append(path, record)
-        if record["epoch"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_module, "append_metrics", crash_after_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupts.crash_after_logging_epoch(3), pytest.raises(KeyboardInterrupt):
         stage.pretrain(ct_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "killed")
-    monkeypatch.setattr(run_module, "append_metrics", real_append)
     assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["epoch"] == 2
     stage.pretrain(ct_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "killed", resume=True)
     for k, v in _weights(tmp_path / "killed").items():
@@ -120,20 +109,9 @@ def test_resume_after_kill_and_after_sigterm_equals_uninterrupted(ct_cache, tmp_
     assert epochs == [1, 2, 3, 4]  # the redone epoch 3 is logged once
 
     # 2) SIGTERM in the middle of epoch 2: state saved mid-epoch, exit 75, resume equals too
-    calls = {"n": 0}
-    real_step = stage.simclr_loss
-
-    def signal_on_third_step(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*a, **kw)
-
-    monkeypatch.setattr(stage, "simclr_loss", signal_on_third_step)
-    with pytest.raises(StopRequested) as info:
+    with interrupts.sigterm_at_step(3), pytest.raises(StopRequested) as info:
         stage.pretrain(ct_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "term")
     assert info.value.exit_code == 75
-    monkeypatch.setattr(stage, "simclr_loss", real_step)
     saved = torch.load(tmp_path / "term" / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (0, 3)
     stage.pretrain(ct_cache, config=_config(), runtime=RUNTIME, output=tmp_path / "term", resume=True)
