@@ -1,4 +1,5 @@
-"""The training loop's data path: device prefetch, per-epoch metrics without per-step host syncs, persistent workers."""
+"""The training loop's data path: device prefetch and prepare ahead, per-epoch metrics without per-step host syncs,
+DataLoader workers over the whole run."""
 
 import functools
 import importlib
@@ -174,9 +175,9 @@ def _weights(run_dir):
     return torch.load(Path(run_dir) / "last.pt", weights_only=True)["model"]
 
 
-def test_persistent_workers_train_exactly_as_the_main_process(ct_cache, tmp_path):
-    """Workers kept across epochs still see each epoch's seeded order (the sampler runs in the main process):
-    the weights equal those of a run that reads in the main process."""
+def test_workers_over_the_whole_run_train_exactly_as_the_main_process(ct_cache, tmp_path):
+    """Workers reading one pass over all epochs (RunBatches) still see each epoch's seeded order (the sampler runs in
+    the main process): the weights equal those of a run that reads in the main process."""
     stage = importlib.import_module("ssl3d_cli.stages.pretrain")
     for workers in (0, 2):
         config = PretrainConfig(epochs=3, batch_size=2, patches_per_side=1, warmup_epochs=1, checkpoint_every=3, workers=workers, model=TINY)

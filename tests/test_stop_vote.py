@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from ssl3d_cli.runtime.distributed import StopVote
@@ -63,3 +64,58 @@ def test_every_rank_stops_one_step_after_any_rank_asks():
         assert r["last"] is False
     for r in _two_ranks(flag_rank=0, flag_step=5):  # asked during the last step: only close() sees it, on every rank
         assert r["answers"] == [False] * 6 and r["last"] is True, r
+
+
+RUN_SCRIPT = r"""
+import importlib, os, signal, sys
+from pathlib import Path
+from ssl3d_cli.config import ModelConfig, PretrainConfig, RuntimeConfig
+from ssl3d_cli.errors import StopRequested
+
+stage = importlib.import_module("ssl3d_cli.stages.pretrain")
+
+cache, out, mode, at_call = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+if mode == "term" and os.environ["RANK"] == "1":  # SIGTERM reaches rank 1 only, during its at_call-th step
+    real, calls = stage.simclr_loss, {"n": 0}
+
+    def signalling(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    stage.simclr_loss = signalling
+config = PretrainConfig(epochs=2, batch_size=1, patches_per_side=1, warmup_epochs=1, checkpoint_every=1, workers=0,
+                        steps_per_epoch=4, model=ModelConfig(widths=(4, 8), projection_hidden=16, projection_dim=8))
+try:
+    stage.pretrain(cache, config=config, runtime=RuntimeConfig(device="cpu", seed=3, threads=1), output=Path(out),
+                   resume=mode == "resume")
+except StopRequested:
+    sys.exit(75)
+"""
+
+
+@pytest.mark.parametrize(("at_call", "stopped_at"), [(2, (0, 3)), (4, (0, 4))])
+def test_sigterm_on_one_rank_stops_both_at_the_same_step_and_resume_equals_uninterrupted(ct_cache, tmp_path, at_call, stopped_at):
+    """Flagged in step 2 (1-based, of 4 per epoch) on rank 1: both ranks stop after step 3. Flagged in the epoch's last
+    step: both stop at its end, before the epoch's bookkeeping. Either way the resumed run ends with the same weights."""
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out: str, mode: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+               str(script), str(ct_cache), str(tmp_path / out), mode, str(at_call)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+    r = torchrun("full", "plain")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun("term", "term")
+    assert r.returncode != 0 and "exitcode  : 75" in r.stderr, r.stderr[-3000:]  # both workers exited 75 (torchrun: 1)
+    saved = torch.load(tmp_path / "term" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == stopped_at
+    r = torchrun("term", "resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = torch.load(tmp_path / "term" / "last.pt", weights_only=True)["model"]
+    for k, v in torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"].items():
+        assert torch.equal(v, done[k]), k

@@ -155,7 +155,9 @@ class StopVote:
     flag raised at step i stops every rank after step i + 1, together. On CUDA the result is copied to pinned memory
     behind the reduction and read after an event, so the host waits for the previous step only while the GPU still
     has the current one queued (a plain ``.item()`` would drain the queue at every step). A lone process answers with
-    its own flag at once. Every rank must call it the same number of times, and :meth:`close` before leaving.
+    its own flag at once. Every rank must call it the same number of times, and :meth:`close` at the same points
+    (a training run closes it at every epoch end, so a stop never crosses one). With ``TORCH_NCCL_BLOCKING_WAIT=1``
+    NCCL's ``wait`` blocks the host, and each vote waits for its step again.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -171,7 +173,7 @@ class StopVote:
             work.wait()  # NCCL: the current stream waits for the reduction; the host does not
             host = torch.empty(1, pin_memory=True)
             host.copy_(value, non_blocking=True)
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event(blocking=True)  # the host sleeps while it waits, leaving the core to the loader
             ready.record()
             posted: tuple[torch.Tensor, Any, Any] = (host, ready, None)
         else:

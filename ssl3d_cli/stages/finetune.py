@@ -155,7 +155,7 @@ class SegmentationRecipe(Recipe):
         self.state = {"best": -1.0, "best_epoch": 0}
         self.oom_hint = f"lower --batch-size (now {config.batch_size}) or --size on {ctx.device}"
         if self.patch is not None:
-            self.collate = collate_cases  # cases of different sizes: patches are cut in step()
+            self.collate = collate_cases  # cases of different sizes: patches are cut in prepare()
             self.oom_hint = f"lower --batch-size (now {config.batch_size}) or --patch-size (now {','.join(map(str, self.patch))}) on {ctx.device}"
         self.weights = torch.tensor(config.class_weights, dtype=torch.float32, device=ctx.device) if config.class_weights else None
         self.loss_fn = dice_ce_loss if config.loss == "dice-ce" else soft_dice_loss

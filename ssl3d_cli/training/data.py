@@ -66,9 +66,8 @@ class DevicePrefetcher:
     """
 
     def __init__(self, batches: Iterable[Batch], device: torch.device, prepare: Prepare | None = None) -> None:
-        """``prepare`` may be replaced between passes (a training run sets each epoch's); the copy stream is made once:
-        the caching allocator reuses a freed block only on the stream that allocated it, so a new stream per pass
-        would strand the previous passes' cached memory."""
+        """The copy stream is made once, not per pass: the caching allocator reuses a freed block only on the stream
+        that allocated it, so a new stream per pass would strand the previous passes' cached memory."""
         self.batches, self.device, self.prepare = batches, device, prepare
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 

@@ -457,6 +457,13 @@ class TrainingRun:
 
     # --- the loop --------------------------------------------------------------------------------
 
+    def _stop(self, model: torch.nn.Module, opt: Any, recipe: Recipe, *, epoch: int, step: int, sums: StepMetrics,
+              signum: int | None) -> None:
+        """Save ``last.pt`` at (epoch, step: the steps done) on every rank together, then raise StopRequested (exit 75)."""
+        self._save_state(model, opt, epoch=epoch, step=step, extra={"accum": sums.floats(), **recipe.state})
+        barrier()  # no rank exits 75 before rank 0 has written last.pt: exit 75 always means "state saved"
+        raise StopRequested(f"signal {signum or 'on another rank'}: state saved in {self.last_path}; rerun with --resume to continue")
+
     def _prepare(self, recipe: Recipe, batches: RunBatches, index: int, batch: Any) -> tuple[Any, torch.Generator]:
         """``recipe.prepare`` of the ``index``-th batch of the run's loader pass, with its step's generator (which the
         step then continues): the draws depend only on (seed, epoch, step, rank), not on when they are made."""
@@ -524,10 +531,9 @@ class TrainingRun:
                     sums.add({"loss": loss, **stats})
                     if votes(guard.requested is not None):
                         votes.close()
-                        self._save_state(wrapped, opt, epoch=epoch, step=step + 1, extra={"accum": sums.floats(), **recipe.state})
-                        barrier()  # no rank exits 75 before rank 0 has written last.pt: exit 75 always means "state saved"
-                        raise StopRequested(f"signal {guard.requested or 'on another rank'}: state saved in {self.last_path}; "
-                                            "rerun with --resume to continue")
+                        self._stop(wrapped, opt, recipe, epoch=epoch, step=step + 1, sums=sums, signum=guard.requested)
+                if votes.close():  # asked during the epoch's last step (torchrun): stop before the epoch's bookkeeping
+                    self._stop(wrapped, opt, recipe, epoch=epoch, step=batches.steps, sums=sums, signum=guard.requested)
                 start_step, steps = 0, sums.steps
                 means = sums.means()  # waits for the epoch's queued device work, so the time below includes it
                 seconds = time.perf_counter() - t_epoch
@@ -541,5 +547,4 @@ class TrainingRun:
                     if dist.is_main:  # the artefact first: a kill between the two leaves last.pt behind, which redoes the epoch
                         recipe.checkpoint(wrapped, epoch + 1, metrics)
                     self._save_state(wrapped, opt, epoch=epoch + 1, step=0, extra={"accum": {"loss": 0.0, "n": 0}, **recipe.state})
-            votes.close()  # a signal during the last step: the run is complete, nothing to stop
         return metrics
